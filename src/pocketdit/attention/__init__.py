@@ -1,0 +1,26 @@
+"""Attention for PocketDiT: reference operations, fast backends behind one dispatch, and layers."""
+
+from .functional import (
+    attention,
+    blockwise_neighborhood_attention,
+    bna_mask,
+    bna_reference,
+    neighbor_block_index,
+    repeat_kv,
+)
+from .layers import ATTENTION_TYPES, CrossAttention, KVCompression, SelfAttention, apply_rope, rope_2d
+
+__all__ = [
+    "ATTENTION_TYPES",
+    "CrossAttention",
+    "KVCompression",
+    "SelfAttention",
+    "apply_rope",
+    "attention",
+    "blockwise_neighborhood_attention",
+    "bna_mask",
+    "bna_reference",
+    "neighbor_block_index",
+    "repeat_kv",
+    "rope_2d",
+]
