@@ -1,0 +1,643 @@
+"""Weight quantization of PocketDiT: k-means palettization (SnapGen++ Supp. C) and torchao CPU schemes.
+
+One verb, one config dataclass per scheme (torchao style):
+
+    report = quantize_(model, PalettizeConfig(nbits=4, target_avg_bits=4.3), calibration=batches)
+    quantize_(model, Int8WeightOnly())            # torchao Int8WeightOnlyConfig
+    quantize_(model, Int8DynActInt4Weight())      # torchao 8-bit dynamic activations, 4-bit grouped weights
+                                                  # (the scheme ExecuTorch's XNNPACK backend runs)
+
+Palettization (the paper's recipe): every Linear/Conv weight becomes a look-up table (LUT) of 2^nbits
+values plus one index per weight. The k-means itself is coremltools' post-training palettizer; this file
+adds what the paper needs around it: per-layer sensitivity (output MSE when that layer alone is
+palettized, measured on calibration inputs) picks the layers kept at `high_nbits` so that the average
+stays at or below `target_avg_bits`; `self_distill_` then fine-tunes the parameters that are not
+palettized (biases, norms, modulation tables) against the unquantized model; `save_quantized` stores
+LUTs and bit-packed indices in safetensors, and `load_quantized` rebuilds the model from them.
+
+Files never go through pickle: palettized checkpoints are safetensors + JSON; torchao checkpoints are
+flattened with torchao's safetensors support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "PalettizeConfig",
+    "Int8WeightOnly",
+    "Int8DynActInt4Weight",
+    "SCHEMES",
+    "config_for_scheme",
+    "PalettizedWeight",
+    "PalettizationReport",
+    "palettize_weight",
+    "palettizable_layers",
+    "layer_sensitivity",
+    "choose_layer_bits",
+    "quantize_",
+    "self_distill_",
+    "random_calibration",
+    "save_quantized",
+    "load_quantized",
+    "load_denoiser",
+    "psnr",
+]
+
+QUANT_CONFIG_NAME = "quantization_config.json"
+PALETTIZED_WEIGHTS_NAME = "palettized.safetensors"
+TORCHAO_WEIGHTS_NAME = "torchao.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs (one per scheme)
+# ----------------------------------------------------------------------------------------------------
+def _check_fields(cls, values: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
+
+
+@dataclass
+class PalettizeConfig:
+    """k-means weight palettization of every Linear and Conv layer.
+
+    nbits: bits of most layers (2^nbits LUT entries). high_nbits: bits of the sensitive layers.
+    target_avg_bits: the average bits per weight to stay within; layers are moved to high_nbits in order of
+        sensitivity while the average allows (= nbits: no layer is promoted, no calibration needed).
+    granularity: "per_tensor" (one LUT per weight, the paper's) or "per_grouped_channel" (one LUT per
+        `group_size` output channels).
+    sensitivity: "relative_mse" (output MSE / output mean square, comparable across layers) or "mse".
+    skip: substrings of module names to leave in floating point.
+    """
+
+    nbits: int = 4
+    high_nbits: int = 8
+    target_avg_bits: float = 4.3
+    granularity: str = "per_tensor"
+    group_size: Optional[int] = None
+    sensitivity: str = "relative_mse"
+    skip: tuple = ()
+
+    def __post_init__(self):
+        if self.nbits not in (1, 2, 3, 4, 6, 8) or self.high_nbits not in (1, 2, 3, 4, 6, 8):
+            raise ValueError(f"nbits and high_nbits must be one of 1, 2, 3, 4, 6, 8; got {self.nbits}, {self.high_nbits}")
+        if self.high_nbits < self.nbits:
+            raise ValueError(f"high_nbits ({self.high_nbits}) must be >= nbits ({self.nbits})")
+        if not self.nbits <= self.target_avg_bits <= self.high_nbits:
+            raise ValueError(
+                f"target_avg_bits={self.target_avg_bits} must lie between nbits={self.nbits} and high_nbits={self.high_nbits}"
+            )
+        if self.granularity not in ("per_tensor", "per_grouped_channel"):
+            raise ValueError(f"granularity must be 'per_tensor' or 'per_grouped_channel', got {self.granularity!r}")
+        if (self.granularity == "per_grouped_channel") != (self.group_size is not None):
+            raise ValueError("group_size is required with granularity='per_grouped_channel' and only then")
+        if self.sensitivity not in ("relative_mse", "mse"):
+            raise ValueError(f"sensitivity must be 'relative_mse' or 'mse', got {self.sensitivity!r}")
+        self.skip = tuple(self.skip)
+
+
+@dataclass
+class Int8WeightOnly:
+    """torchao int8 weight-only (per-channel symmetric) on every Linear; activations stay float."""
+
+
+@dataclass
+class Int8DynActInt4Weight:
+    """torchao 8-bit dynamic per-token activations + 4-bit grouped symmetric weights on every Linear.
+
+    This is the pattern ExecuTorch's XNNPACK backend lowers to its int4 kernels.
+    """
+
+    group_size: int = 32
+
+    def __post_init__(self):
+        if self.group_size < 1 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+
+
+SCHEMES = {"palettize4": PalettizeConfig, "int8": Int8WeightOnly, "8da4w": Int8DynActInt4Weight}
+QuantConfig = Union[PalettizeConfig, Int8WeightOnly, Int8DynActInt4Weight]
+
+
+def config_for_scheme(scheme: str, **overrides) -> QuantConfig:
+    """The config of a CLI scheme name ("palettize4", "int8", "8da4w"); keyword arguments set fields."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {sorted(SCHEMES)}")
+    cls = SCHEMES[scheme]
+    _check_fields(cls, overrides)
+    return cls(**overrides)
+
+
+def _scheme_name(config: QuantConfig) -> str:
+    for name, cls in SCHEMES.items():
+        if type(config) is cls:
+            return name
+    raise TypeError(f"not a quantization config: {config!r}")
+
+
+def _torchao_config(config):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, Int8WeightOnlyConfig, PerGroup
+
+    if isinstance(config, Int8WeightOnly):
+        return Int8WeightOnlyConfig()
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(config.group_size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Palettizing one weight
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class PalettizedWeight:
+    """A weight as LUT + indices: weight[g-th group] = lut[g][indices].
+
+    lut: (groups, 2^nbits) float; indices: integer tensor of the weight's shape; groups split dim 0
+    (output channels) into equal parts (1 group = per tensor).
+    """
+
+    lut: torch.Tensor
+    indices: torch.Tensor
+    nbits: int
+
+    @property
+    def shape(self):
+        return tuple(self.indices.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        groups = self.lut.shape[0]
+        idx = self.indices.long().reshape(groups, -1)
+        return torch.gather(self.lut, 1, idx).reshape(self.shape)
+
+    def storage_bits(self, lut_bits: int = 16) -> int:
+        """Bits to store: nbits per index plus the LUTs (fp16)."""
+        return self.indices.numel() * self.nbits + self.lut.numel() * lut_bits
+
+
+def _quiet_coremltools():
+    """coremltools' k-means logs progress lines at INFO and draws its own bars; keep our output readable."""
+    for name in ("coremltools", "coremltools.optimize.torch._utils.k_means"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+def palettize_weight(
+    weight: torch.Tensor, nbits: int, granularity: str = "per_tensor", group_size: Optional[int] = None
+) -> PalettizedWeight:
+    """k-means palettize one weight with coremltools' post-training palettizer; LUT rounded to fp16.
+
+    The LUT is rounded to fp16 here (the precision Core ML stores it in), so the eager model, the saved
+    file and every exported graph use exactly the same weights.
+    """
+    k = 2**nbits
+    w = weight.detach().float().cpu()
+    groups = 1 if granularity == "per_tensor" else w.shape[0] // group_size
+    if granularity != "per_tensor" and w.shape[0] % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the {w.shape[0]} output channels")
+    if w.numel() // groups <= k:
+        # No more weights than LUT entries: the weights are their own palette (lossless).
+        flat = w.reshape(groups, -1)
+        lut = torch.zeros(groups, k)
+        lut[:, : flat.shape[1]] = flat.half().float()
+        idx = torch.arange(flat.shape[1]).expand(groups, -1).reshape(w.shape)
+        return PalettizedWeight(lut, idx.to(torch.uint8 if nbits <= 8 else torch.int32), nbits)
+
+    from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+
+    layer_cfg = {"n_bits": nbits, "granularity": granularity}
+    if group_size is not None:
+        layer_cfg["group_size"] = group_size
+    holder = nn.Module()
+    holder.layer = nn.Linear(1, 1, bias=False)
+    holder.layer.weight = nn.Parameter(w.reshape(w.shape[0], -1).clone(), requires_grad=False)
+    with _quiet_coremltools():
+        done = PostTrainingPalettizer(holder, PostTrainingPalettizerConfig.from_dict({"global_config": layer_cfg})).compress()
+    lut = done.layer.state_dict()["_COREML_/weight/lut"].reshape(groups, -1).float()
+    lut = lut.half().float()
+    flat = w.reshape(groups, -1)
+    # Nearest LUT entry per weight (the palettizer already snapped weights to it; this recovers the index).
+    idx = torch.empty(flat.shape, dtype=torch.uint8)
+    for g in range(groups):
+        for start in range(0, flat.shape[1], 1 << 20):
+            chunk = flat[g, start : start + (1 << 20)]
+            idx[g, start : start + chunk.numel()] = (chunk[:, None] - lut[g][None, :]).abs().argmin(1).to(torch.uint8)
+    return PalettizedWeight(lut, idx.reshape(w.shape), nbits)
+
+
+def palettizable_layers(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """Every Linear and Conv module by name, except names containing one of `skip`."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not any(s in name for s in skip)
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration inputs and sensitivity
+# ----------------------------------------------------------------------------------------------------
+def random_calibration(
+    model, num_batches: int = 4, batch_size: int = 2, latent_size: Optional[int] = None, text_length: int = 16, seed: int = 0
+) -> list[dict]:
+    """Synthetic denoiser inputs: x_t from Gaussian "images" and noise at uniform t, Gaussian text states.
+
+    A stand-in when no data is at hand; calibrate on real latents and prompt embeddings when you have them
+    (pass any list of model keyword dicts as `calibration`).
+    """
+    cfg = model.config
+    size = latent_size or 4 * model.latent_multiple
+    while not model.is_valid_latent_size(size, size):
+        size += model.latent_multiple
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        t = torch.rand(batch_size, generator=g)
+        x0 = torch.randn(batch_size, cfg.in_channels, size, size, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        states = [torch.randn(batch_size, text_length, d, generator=g) for d in cfg.text_embed_dims]
+        masks = []
+        for _ in cfg.text_embed_dims:
+            lengths = torch.randint(1, text_length + 1, (batch_size,), generator=g)
+            masks.append(torch.arange(text_length)[None] < lengths[:, None])
+        one = len(states) == 1
+        batches.append(
+            dict(
+                hidden_states=x, timestep=t, encoder_hidden_states=states[0] if one else states,
+                encoder_attention_mask=masks[0] if one else masks,
+            )
+        )
+    return batches
+
+
+def _layer_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, module.bias)
+    conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+    return conv(x, weight, module.bias, module.stride, module.padding, module.dilation, module.groups)
+
+
+@torch.no_grad()
+def _capture_inputs(model, layers: dict, calibration: Iterable[dict], max_rows: int = 4096) -> dict[str, list]:
+    """Inputs each layer sees on the calibration batches (Linear rows subsampled to `max_rows`)."""
+    seen = {name: [] for name in layers}
+    g = torch.Generator().manual_seed(0)
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach()
+            if isinstance(module, nn.Linear):
+                x = x.reshape(-1, x.shape[-1])
+                if x.shape[0] > max_rows:
+                    x = x[torch.randperm(x.shape[0], generator=g)[:max_rows]]
+            seen[name].append(x)
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for batch in calibration:
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    model: nn.Module,
+    calibration: Iterable[dict],
+    palettes: dict[str, PalettizedWeight],
+    metric: str = "relative_mse",
+) -> dict[str, float]:
+    """Per layer: MSE between its output with the palettized weight and with its own weight (paper Supp. C).
+
+    Each layer is measured alone on the inputs it sees in the unquantized model. "relative_mse" divides by
+    the mean square of the unquantized output so layers of different scale compare fairly.
+    """
+    layers = {n: m for n, m in palettizable_layers(model).items() if n in palettes}
+    inputs = _capture_inputs(model, layers, calibration)
+    out = {}
+    for name, module in layers.items():
+        wq = palettes[name].dequantize().to(module.weight.dtype)
+        err = ref_sq = 0.0
+        count = 0
+        for x in inputs[name]:
+            ref = _layer_output(module, x, module.weight)
+            diff = _layer_output(module, x, wq) - ref
+            err += diff.double().pow(2).sum().item()
+            ref_sq += ref.double().pow(2).sum().item()
+            count += ref.numel()
+        if count == 0:
+            raise RuntimeError(f"layer {name} received no input during calibration; is it used in forward()?")
+        out[name] = err / max(ref_sq, 1e-30) if metric == "relative_mse" else err / count
+    return out
+
+
+def choose_layer_bits(
+    sensitivity: dict[str, float], numels: dict[str, int], nbits: int, high_nbits: int, target_avg_bits: float
+) -> dict[str, int]:
+    """Promote the most sensitive layers to high_nbits while the weighted average stays <= target."""
+    total = sum(numels.values())
+    bits = {n: nbits for n in numels}
+    budget = target_avg_bits * total - nbits * total  # extra bits we may spend
+    for name in sorted(sensitivity, key=sensitivity.get, reverse=True):
+        extra = (high_nbits - nbits) * numels[name]
+        if extra <= budget + 1e-9:
+            bits[name] = high_nbits
+            budget -= extra
+    return bits
+
+
+# ----------------------------------------------------------------------------------------------------
+# The verb
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class PalettizationReport:
+    """What palettization did: bits and sensitivity per layer, the weighted average, storage."""
+
+    layer_bits: dict = field(default_factory=dict)
+    sensitivity: dict = field(default_factory=dict)
+    numels: dict = field(default_factory=dict)
+
+    @property
+    def average_bits(self) -> float:
+        total = sum(self.numels.values())
+        return sum(self.layer_bits[n] * self.numels[n] for n in self.numels) / max(total, 1)
+
+    @property
+    def num_high_bit_layers(self) -> int:
+        return sum(1 for b in self.layer_bits.values() if b > min(self.layer_bits.values(), default=0))
+
+    def to_dict(self) -> dict:
+        return dict(
+            average_bits=self.average_bits, layer_bits=self.layer_bits, sensitivity=self.sensitivity, numels=self.numels
+        )
+
+
+def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Iterable[dict]] = None, progress: bool = True):
+    """Quantize `model` in place with `config`; returns a PalettizationReport for palettization, else None.
+
+    Palettization needs `calibration` (a list of model keyword-argument dicts) to rank layers when
+    target_avg_bits > nbits; `random_calibration(model)` is a synthetic stand-in.
+    """
+    if isinstance(config, (Int8WeightOnly, Int8DynActInt4Weight)):
+        from torchao.quantization import quantize_ as ao_quantize_
+
+        ao_quantize_(model, _torchao_config(config))
+        model._pocketdit_quantization = {"scheme": _scheme_name(config), "config": asdict(config)}
+        return None
+    if not isinstance(config, PalettizeConfig):
+        raise TypeError(f"quantize_ takes PalettizeConfig, Int8WeightOnly or Int8DynActInt4Weight, got {type(config).__name__}")
+
+    layers = palettizable_layers(model, config.skip)
+    if not layers:
+        raise ValueError("the model has no Linear or Conv layers to palettize")
+    from tqdm.auto import tqdm
+
+    def palettize_all(names, nbits, desc):
+        return {
+            n: palettize_weight(layers[n].weight, nbits, config.granularity, config.group_size)
+            for n in tqdm(names, desc=desc, disable=not progress, leave=False)
+        }
+
+    low = palettize_all(list(layers), config.nbits, f"k-means {config.nbits}-bit")
+    numels = {n: m.weight.numel() for n, m in layers.items()}
+    sensitivity = {}
+    bits = {n: config.nbits for n in layers}
+    if config.target_avg_bits > config.nbits:
+        if calibration is None:
+            raise ValueError(
+                "palettization with target_avg_bits > nbits needs calibration inputs to rank layer sensitivity; "
+                "pass calibration=... (e.g. pocketdit.quantize.random_calibration(model)) or set target_avg_bits=nbits"
+            )
+        calibration = list(calibration)
+        sensitivity = layer_sensitivity(model, calibration, low, config.sensitivity)
+        bits = choose_layer_bits(sensitivity, numels, config.nbits, config.high_nbits, config.target_avg_bits)
+    high = palettize_all([n for n, b in bits.items() if b != config.nbits], config.high_nbits, f"k-means {config.high_nbits}-bit")
+    palettes = {**low, **high}
+    for name, module in layers.items():
+        pw = palettes[name]
+        module.weight.data.copy_(pw.dequantize().to(module.weight.dtype))
+        module.palettized_weight = pw  # plain attribute: kept for saving/export, not part of state_dict
+    report = PalettizationReport(layer_bits=bits, sensitivity=sensitivity, numels=numels)
+    model._pocketdit_quantization = {"scheme": "palettize4", "config": asdict(config), "report": report.to_dict()}
+    return report
+
+
+def palettized_layers(model: nn.Module) -> dict[str, PalettizedWeight]:
+    return {n: m.palettized_weight for n, m in model.named_modules() if hasattr(m, "palettized_weight")}
+
+
+def self_distill_(
+    student: nn.Module,
+    teacher: nn.Module,
+    calibration: Sequence[dict],
+    steps: int = 200,
+    lr: float = 1e-4,
+    progress: bool = True,
+) -> list[float]:
+    """Fine-tune the student's non-palettized parameters to match the teacher's velocity (paper Supp. C).
+
+    Palettized weights stay frozen (they must keep their LUT values); biases, norms, modulation tables and
+    any layer left in float are trained with MSE to the unquantized teacher on the calibration batches.
+    Returns the loss per step.
+    """
+    palettized = {id(m.weight) for m in student.modules() if hasattr(m, "palettized_weight")}
+    trainable = [p for p in student.parameters() if id(p) not in palettized]
+    if not trainable:
+        raise ValueError("nothing to fine-tune: every parameter is palettized")
+    flags = {id(p): p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) not in palettized)
+    teacher.eval()
+    with torch.no_grad():
+        targets = [teacher(**b).sample for b in calibration]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    losses = []
+    from tqdm.auto import tqdm
+
+    was_training = student.training
+    student.train()
+    bar = tqdm(range(steps), desc="self-distillation", disable=not progress, leave=False)
+    for step in bar:
+        i = step % len(calibration)
+        loss = F.mse_loss(student(**calibration[i]).sample, targets[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3g}")
+    student.train(was_training)
+    for p in student.parameters():
+        p.requires_grad_(flags[id(p)])
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storage
+# ----------------------------------------------------------------------------------------------------
+def pack_indices(indices: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Pack integer indices < 2^nbits into a flat uint8 tensor (little-endian bit order, zero padded)."""
+    flat = indices.reshape(-1).to(torch.int64)
+    if nbits == 8:
+        return flat.to(torch.uint8)
+    bits = ((flat[:, None] >> torch.arange(nbits)) & 1).reshape(-1)
+    pad = (-bits.numel()) % 8
+    bits = torch.cat([bits, bits.new_zeros(pad)]).reshape(-1, 8)
+    return (bits << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, nbits: int, shape) -> torch.Tensor:
+    n = math.prod(shape)
+    if nbits == 8:
+        return packed[:n].reshape(shape)
+    bits = ((packed.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[: n * nbits].reshape(n, nbits)
+    return (bits << torch.arange(nbits)).sum(1).to(torch.uint8).reshape(shape)
+
+
+def save_quantized(model: nn.Module, directory: Union[str, os.PathLike]) -> dict:
+    """Write a quantized PocketDiT to `directory`: config.json, weights (safetensors), quantization_config.json.
+
+    Palettized: LUTs (fp16) and bit-packed indices for palettized layers, fp32 for everything else.
+    torchao: the quantized tensors flattened by torchao's safetensors support. Returns the quantization
+    config written (with file size and average bits).
+    """
+    from safetensors.torch import save_file
+
+    info = getattr(model, "_pocketdit_quantization", None)
+    if info is None:
+        raise ValueError("model is not quantized; call pocketdit.quantize.quantize_ first")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_config(out)
+    meta = {"scheme": info["scheme"], "config": info["config"]}
+    if info["scheme"] == "palettize4":
+        palettes = palettized_layers(model)
+        tensors, layers = {}, {}
+        for name, pw in palettes.items():
+            tensors[f"{name}.weight.lut"] = pw.lut.half().contiguous()
+            tensors[f"{name}.weight.indices"] = pack_indices(pw.indices, pw.nbits)
+            layers[name] = {"nbits": pw.nbits, "shape": list(pw.shape), "groups": pw.lut.shape[0]}
+        skip = {f"{n}.weight" for n in palettes}
+        for key, value in model.state_dict().items():
+            if key not in skip:
+                tensors[key] = value.detach().float().contiguous()
+        path = out / PALETTIZED_WEIGHTS_NAME
+        save_file(tensors, str(path), metadata={"format": "pocketdit-palettized", "layers": json.dumps(layers)})
+        report = info.get("report", {})
+        numels = {n: math.prod(l["shape"]) for n, l in layers.items()}
+        total = sum(numels.values())
+        meta.update(
+            weights=PALETTIZED_WEIGHTS_NAME,
+            average_bits=sum(layers[n]["nbits"] * numels[n] for n in layers) / max(total, 1),
+            average_bits_with_luts=sum(p.storage_bits() for p in palettes.values()) / max(total, 1),
+            palettized_weights=total,
+            layer_bits={n: l["nbits"] for n, l in layers.items()},
+            sensitivity=report.get("sensitivity", {}),
+        )
+    else:
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        # torchao's flattener splits keys at their last dot; a prefix keeps top-level parameters valid.
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors, metadata = flatten_tensor_state_dict(state)
+        path = out / TORCHAO_WEIGHTS_NAME
+        save_file(tensors, str(path), metadata=metadata)
+        meta.update(weights=TORCHAO_WEIGHTS_NAME)
+    meta["file_size_bytes"] = path.stat().st_size
+    (out / QUANT_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_quantized(directory: Union[str, os.PathLike]):
+    """Rebuild a quantized PocketDiT written by `save_quantized` (no pickle involved)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .model import PocketDiT
+
+    d = Path(directory)
+    qpath = d / QUANT_CONFIG_NAME
+    if not qpath.is_file():
+        raise FileNotFoundError(f"{qpath} not found: {d} is not a quantized checkpoint (make one with `pocketdit quantize`)")
+    meta = json.loads(qpath.read_text())
+    wpath = d / meta.get("weights", "")
+    if not wpath.is_file():
+        raise FileNotFoundError(f"{wpath} not found; the quantized checkpoint in {d} is incomplete")
+    model = PocketDiT.from_config(PocketDiT.load_config(d)).eval()
+    try:
+        tensors = load_file(str(wpath))
+        with safe_open(str(wpath), "pt") as f:
+            file_meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises several error types for truncated/corrupt files
+        raise ValueError(f"cannot read {wpath}: {e}") from e
+    if meta["scheme"] == "palettize4":
+        layers = json.loads(file_meta.get("layers", "{}"))
+        modules = dict(model.named_modules())
+        state = {k: v for k, v in tensors.items() if not (k.endswith(".weight.lut") or k.endswith(".weight.indices"))}
+        for name, spec in layers.items():
+            idx = unpack_indices(tensors[f"{name}.weight.indices"], spec["nbits"], spec["shape"])
+            pw = PalettizedWeight(tensors[f"{name}.weight.lut"].float(), idx, spec["nbits"])
+            state[f"{name}.weight"] = pw.dequantize()
+            modules[name].palettized_weight = pw
+        model.load_state_dict(state, strict=True)
+    else:
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        state, leftover = unflatten_tensor_state_dict(tensors, file_meta)
+        if leftover:
+            raise ValueError(f"{wpath}: unexpected tensors {sorted(leftover)[:5]}")
+        model.load_state_dict({k[len("model.") :]: v for k, v in state.items()}, strict=True, assign=True)
+    model._pocketdit_quantization = {"scheme": meta["scheme"], "config": meta["config"]}
+    return model
+
+
+def load_denoiser(path: Union[str, os.PathLike]):
+    """A PocketDiT from a path: a quantized checkpoint, a save_pretrained directory, or a pipeline
+    directory with a `transformer/` subfolder."""
+    from .model import PocketDiT
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist; pass a PocketDiT or pipeline directory")
+    if (p / QUANT_CONFIG_NAME).is_file():
+        return load_quantized(p)
+    for cand in (p, p / "transformer", p / "denoiser"):
+        if (cand / "config.json").is_file():
+            cfg = json.loads((cand / "config.json").read_text())
+            if cfg.get("_class_name") == "PocketDiT":
+                if (cand / QUANT_CONFIG_NAME).is_file():
+                    return load_quantized(cand)
+                return PocketDiT.from_pretrained(cand).eval()
+    raise FileNotFoundError(
+        f"no PocketDiT checkpoint in {p}: expected config.json with _class_name PocketDiT there or in "
+        f"{p / 'transformer'}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quality
+# ----------------------------------------------------------------------------------------------------
+def psnr(test: torch.Tensor, reference: torch.Tensor, peak: Optional[float] = None) -> float:
+    """PSNR in dB of `test` against `reference`; peak = the reference's value range unless given
+    (2.0 for images in [-1, 1]). Identical tensors give +inf."""
+    ref = reference.detach().double()
+    mse = (test.detach().double() - ref).pow(2).mean().item()
+    if peak is None:
+        peak = (ref.max() - ref.min()).item() or 1.0
+    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
