@@ -23,6 +23,8 @@ __all__ = [
     "bna_mask",
     "bna_reference",
     "blockwise_neighborhood_attention",
+    "assa_reference",
+    "adaptive_sparse_attention",
     "BNA_BACKENDS",
 ]
 
@@ -40,8 +42,16 @@ def repeat_kv(x: torch.Tensor, num_query_heads: int) -> torch.Tensor:
 
 
 def attention(q, k, v, attn_mask=None):
-    """Scaled dot-product attention with grouped-query k/v (expanded explicitly, so it exports)."""
+    """Scaled dot-product attention with grouped-query k/v.
+
+    Eagerly, SDPA's `enable_gqa` reads the shared kv heads in place; while exporting, k/v are expanded
+    explicitly (plain ops every exporter understands). Both give the same result.
+    """
     h = q.shape[1]
+    if k.shape[1] != h and not _exporting():
+        if h % k.shape[1]:
+            raise ValueError(f"{h} query heads are not a multiple of {k.shape[1]} key/value heads")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
     return F.scaled_dot_product_attention(q, repeat_kv(k, h), repeat_kv(v, h), attn_mask=attn_mask)
 
 
@@ -97,7 +107,20 @@ def bna_reference(q, k, v, num_blocks: int, radius: int):
     return F.scaled_dot_product_attention(qb, kn, vn).reshape(b, h, n, d)
 
 
-BNA_BACKENDS = ("auto", "reference")
+def assa_reference(q, k, v, k_compressed, v_compressed, gate, num_blocks: int, radius: int):
+    """Adaptive sparse self-attention from its two branches, the reference way.
+
+    gate * global + (1 - gate) * local, where global attends to the compressed keys/values (B, H_kv, N_c, D)
+    and local is blockwise neighbourhood attention over the full ones; `gate` broadcasts against
+    (B, H, N, D), typically (B, H, N, 1) = sigmoid(Linear(x)). The two attentions are normalised
+    separately, so they cannot share one softmax; fast paths recombine them instead.
+    """
+    glob = attention(q, k_compressed, v_compressed)
+    local = bna_reference(q, k, v, num_blocks, radius)
+    return gate * glob + (1 - gate) * local
+
+
+BNA_BACKENDS = ("auto", "reference", "strided", "flex", "flex_eager")
 
 
 def _exporting() -> bool:
@@ -120,6 +143,20 @@ def blockwise_neighborhood_attention(q, k, v, num_blocks: int, radius: int, back
     from . import backends  # registered fast paths; imported lazily to keep this module dependency-free
 
     return backends.bna_dispatch(q, k, v, num_blocks, radius, backend)
+
+
+def adaptive_sparse_attention(
+    q, k, v, k_compressed, v_compressed, gate, num_blocks: int, radius: int, backend: str = "auto"
+):
+    """ASSA on (batch, heads, tokens, head_dim): gate * global + (1 - gate) * local (see `assa_reference`).
+
+    Same `backend` choices as `blockwise_neighborhood_attention`; the reference while exporting.
+    """
+    if backend == "reference" or _exporting():
+        return assa_reference(q, k, v, k_compressed, v_compressed, gate, num_blocks, radius)
+    from . import backends
+
+    return backends.assa_dispatch(q, k, v, k_compressed, v_compressed, gate, num_blocks, radius, backend)
 
 
 def score_flops(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, batch: int = 1) -> int:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import attention, blockwise_neighborhood_attention
+from .functional import adaptive_sparse_attention, attention, blockwise_neighborhood_attention
 
 ATTENTION_TYPES = ("assa", "dense", "global", "local")
 
@@ -101,7 +101,9 @@ class SelfAttention(nn.Module):
         self.kind = kind
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.num_blocks, self.block_radius = num_blocks, block_radius
-        self.backend = "auto"  # BNA implementation; see attention.functional.blockwise_neighborhood_attention
+        # BNA/ASSA implementation: "auto" (fast path for the device, reference while exporting) or a name
+        # from attention.backends.available_backends(); see attention.functional.adaptive_sparse_attention
+        self.backend = "auto"
         self.to_q = nn.Linear(dim, num_heads * head_dim)
         self.to_k = nn.Linear(dim, num_kv_heads * head_dim)
         self.to_v = nn.Linear(dim, num_kv_heads * head_dim)
@@ -143,7 +145,9 @@ class SelfAttention(nn.Module):
             out = self.local_branch(q, k, v)
         else:
             g = torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)  # (B, heads, N, 1)
-            out = g * self.global_branch(q, k, v, height, width) + (1 - g) * self.local_branch(q, k, v)
+            k_c, v_c = self.compress_k(k, height, width), self.compress_v(v, height, width)
+            # Both branches and the gate mix in one call, so a backend can fuse them (see backends.py).
+            out = adaptive_sparse_attention(q, k, v, k_c, v_c, g, self.num_blocks, self.block_radius, self.backend)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 

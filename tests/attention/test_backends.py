@@ -1,0 +1,193 @@
+"""Every fast attention backend equals the reference (forward and backward), and dispatch picks them right."""
+
+import pytest
+import torch
+
+from pocketdit import PocketDiT
+from pocketdit.attention import SelfAttention, rope_2d
+from pocketdit.attention import backends
+from pocketdit.attention.functional import (
+    adaptive_sparse_attention,
+    assa_reference,
+    blockwise_neighborhood_attention,
+    bna_reference,
+)
+
+TOL = 1e-4  # the accuracy target: relative error against the fp32 reference
+
+
+def rel_err(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def make(b=2, h=4, hkv=2, n=64, d=16, nc=None, seed=0, grad=False, model_layout=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(heads, tokens):
+        if model_layout:  # as SelfAttention produces them: (B, N, H, D) memory viewed as (B, H, N, D)
+            return torch.randn(b, tokens, heads, d, generator=g).transpose(1, 2)
+        return torch.randn(b, heads, tokens, d, generator=g)
+
+    q, k, v = t(h, n), t(hkv, n), t(hkv, n)
+    nc = nc or n // 4
+    kc, vc = t(hkv, nc), t(hkv, nc)
+    gate = torch.rand(b, h, n, 1, generator=g)
+    tensors = [q, k, v, kc, vc, gate]
+    return [x.detach().requires_grad_(grad) for x in tensors]
+
+
+BNA_CASES = [
+    # (tokens, blocks, radius): interior + borders, no interior (nb = 2r+2), single window (nb = 2r+1),
+    # radius 0 and 2, the model's 16 blocks
+    (64, 4, 1),
+    (64, 8, 1),
+    (96, 6, 2),
+    (256, 16, 1),
+    (48, 3, 1),
+    (60, 5, 0),
+    (80, 10, 2),
+]
+
+
+@pytest.mark.parametrize("tokens,blocks,radius", BNA_CASES)
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_strided_bna_equals_reference(tokens, blocks, radius, hkv):
+    q, k, v, *_ = make(n=tokens, hkv=hkv)
+    ref = bna_reference(q, k, v, blocks, radius)
+    out = backends.bna_strided(q, k, v, blocks, radius)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < TOL
+
+
+def test_strided_bna_handles_model_memory_layout():
+    q, k, v, *_ = make(n=128, model_layout=True)
+    assert not q.is_contiguous()
+    ref = bna_reference(q, k, v, 8, 1)
+    assert rel_err(backends.bna_strided(q, k, v, 8, 1), ref) < TOL
+
+
+@pytest.mark.parametrize("tokens,blocks,radius", [(64, 4, 1), (128, 8, 1), (96, 6, 2), (48, 3, 1)])
+def test_strided_bna_gradients_equal_reference(tokens, blocks, radius):
+    q, k, v, *_ = make(n=tokens, grad=True)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    (bna_reference(q, k, v, blocks, radius) * w).sum().backward()
+    ref = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    (backends.bna_strided(q, k, v, blocks, radius) * w).sum().backward()
+    for t, g in zip((q, k, v), ref):
+        assert g.abs().sum() > 0
+        assert rel_err(t.grad, g) < TOL
+
+
+def test_strided_assa_equals_reference_forward_and_backward():
+    args = make(n=256, hkv=2, grad=True)
+    w = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(2))
+    ref_out = assa_reference(*args, 16, 1)
+    (ref_out * w).sum().backward()
+    ref_grads = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    out = backends.assa_strided(*args, 16, 1)
+    (out * w).sum().backward()
+    assert rel_err(out, ref_out) < TOL
+    for t, g in zip(args, ref_grads):  # q, k, v, compressed k/v and the gate all get matching gradients
+        assert g.abs().sum() > 0
+        assert rel_err(t.grad, g) < TOL
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("tokens,blocks,radius", [(64, 4, 1), (128, 8, 1), (96, 6, 2)])
+def test_flex_masks_equal_reference(tokens, blocks, radius):
+    # Uncompiled FlexAttention (forward only on CPU) checks the block masks the compiled GPU path uses.
+    q, k, v, kc, vc, gate = make(n=tokens, nc=tokens // 4)
+    with torch.no_grad():
+        assert rel_err(backends.bna_flex(q, k, v, blocks, radius, compiled=False), bna_reference(q, k, v, blocks, radius)) < TOL
+        fused = backends.assa_flex(q, k, v, kc, vc, gate, blocks, radius, compiled=False)
+        assert rel_err(fused, assa_reference(q, k, v, kc, vc, gate, blocks, radius)) < TOL
+
+
+def test_flex_refuses_cpu_training_with_a_clear_error():
+    q, k, v, *_ = make(n=64, grad=True)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        blockwise_neighborhood_attention(q, k, v, 4, 1, backend="flex")
+
+
+def test_dispatch_auto_uses_strided_on_cpu_and_rejects_unknown_names():
+    q, k, v, kc, vc, gate = make(n=64)
+    assert backends.select_backend(q) == "strided"
+    assert "strided" in backends.available_backends() and "flex" in backends.available_backends()
+    torch.testing.assert_close(
+        adaptive_sparse_attention(q, k, v, kc, vc, gate, 4, 1), backends.assa_strided(q, k, v, kc, vc, gate, 4, 1)
+    )
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'.*strided"):
+        blockwise_neighborhood_attention(q, k, v, 4, 1, backend="fast")
+    with pytest.raises(ValueError, match="multiple of 4 equal blocks|cannot be split"):
+        backends.bna_strided(q[:, :, :62], k[:, :, :62], v[:, :, :62], 4, 1)
+
+
+def assa_layer(seed=0):
+    torch.manual_seed(seed)
+    layer = SelfAttention(64, num_heads=4, num_kv_heads=2, head_dim=16, kind="assa", num_blocks=4, block_radius=1)
+    with torch.no_grad():  # a non-trivial gate and compression, so both branches and their mix matter
+        layer.gate.weight.normal_(0, 0.5)
+        layer.compress_k.conv.weight.normal_(0.25, 0.1)
+    return layer
+
+
+def test_assa_layer_auto_equals_reference_with_gradients():
+    layer = assa_layer()
+    x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(3))
+    rope = rope_2d(8, 8, 16)
+    outs, grads = [], []
+    for backend in ("reference", "auto"):
+        layer.backend = backend
+        layer.zero_grad()
+        out = layer(x, rope, 8, 8)
+        out.square().mean().backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+    assert rel_err(outs[1], outs[0]) < TOL
+    # Relative to the largest gradient: some are exactly zero in theory (a key bias shifts every score of
+    # a row equally), so their own relative error is rounding noise over rounding noise.
+    scale = max(g.abs().max() for g in grads[0].values())
+    for name, g in grads[0].items():
+        assert ((grads[1][name] - g).abs().max() / scale).item() < TOL, name
+    assert grads[0]["gate.weight"].abs().sum() > 0 and grads[0]["compress_v.conv.weight"].abs().sum() > 0
+
+
+def test_model_forward_is_backend_independent():
+    model = PocketDiT.from_preset("nano").eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # the zero-initialised output layer and gates would make every path output 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x, t, text = torch.randn(1, 4, 16, 16, generator=g), torch.rand(1, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        auto = model(x, t, text).sample
+        for m in model.modules():
+            if isinstance(m, SelfAttention):
+                m.backend = "reference"
+        ref = model(x, t, text).sample
+    assert rel_err(auto, ref) < TOL
+
+
+def test_export_traces_the_reference_path():
+    layer = assa_layer().eval()
+    x = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(5))
+    cos, sin = rope_2d(8, 8, 16)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, cos, sin):
+            return self.layer(x, (cos, sin), 8, 8)
+
+    program = torch.export.export(Wrapped(), (x, cos, sin))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("unfold" in op or "flex" in op for op in ops), ops  # no fast-path ops in the graph
+    assert any("index" in op for op in ops), ops  # the reference's neighbour gather
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, cos, sin), layer(x, (cos, sin), 8, 8), atol=1e-5, rtol=1e-4)
