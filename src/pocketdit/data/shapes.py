@@ -1,0 +1,368 @@
+"""``shapes``: procedurally rendered scenes of coloured geometric shapes with captions.
+
+A toy text-to-image dataset that a tiny model can learn in minutes on a laptop, and that can be scored
+programmatically (``pocketdit.evaluate.shapes_eval``). Captions follow the six GenEval categories:
+
+==============  ===============================================
+category        example caption
+==============  ===============================================
+single_object   a photo of a circle
+two_object      a photo of a circle and a square
+counting        a photo of three triangles
+colors          a photo of a blue square
+position        a photo of a circle left of a square
+color_attr      a photo of a red circle and a blue triangle
+==============  ===============================================
+
+Every scene is drawn from a NumPy generator seeded with ``(seed, index)`` only, so item ``i`` is the same
+on every machine and in every worker, and no global RNG is touched.
+
+A scene is a plain JSON-serialisable dict (kept as the sample's ``"meta"`` for evaluation)::
+
+    {"category": "position",
+     "objects": [{"shape": "circle", "colour": "red", "centre": [0.3, 0.52], "size": 0.31}, ...],
+     "relation": {"subject": 0, "relation": "left of", "object": 1} or None}
+
+``centre`` is in [0, 1] image coordinates (x to the right, y down) and ``size`` is the side of the shape's
+square bounding box as a fraction of the image side. Shapes are axis-aligned; triangles point up.
+
+The scene *spec* is what a caption says (category, shapes, colours that are named, counts, relation)
+without a layout; ``layout_scene`` turns a spec into a scene. The ShapesEval prompt set stores specs, so a
+ground-truth image for any prompt is ``render_scene(layout_scene(rng, spec), resolution)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+__all__ = [
+    "BACKGROUND",
+    "CATEGORIES",
+    "COLOURS",
+    "COUNT_WORDS",
+    "RELATIONS",
+    "SHAPES",
+    "ShapesDataset",
+    "caption_for",
+    "layout_scene",
+    "render_scene",
+    "sample_scene",
+    "sample_spec",
+    "shape_outline",
+]
+
+# GenEval's category tags, in GenEval's column order.
+CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+# Axis-aligned shapes whose bounding-box templates differ enough to be told apart at ~7 px.
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}
+
+# Saturated colours with well-separated hues (0, 30, 59, 132, 222, 278 degrees). The background is neutral,
+# so antialiased edges keep their object's hue and only lose saturation, which the detector relies on.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (255, 128, 0),
+    "yellow": (230, 225, 0),
+    "green": (20, 170, 50),
+    "blue": (30, 90, 230),
+    "purple": (140, 40, 200),
+}
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+COUNT_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
+COUNTS: tuple[int, ...] = (2, 3, 4)  # counting prompts; a single object is the single_object category
+
+# Layout constants, as fractions of the image side. Sizes are chosen so that the smallest object is still
+# about 7 px across at 32x32 (the smallest resolution the detector is tested at).
+_MARGIN = 0.04
+_GAP = 0.08  # minimum empty space between bounding boxes, so same-coloured objects never touch
+_SIZE_RANGES: dict[str, tuple[float, float]] = {
+    "single_object": (0.36, 0.56),
+    "colors": (0.36, 0.56),
+    "two_object": (0.26, 0.38),
+    "color_attr": (0.26, 0.38),
+    "position": (0.26, 0.36),
+    "counting": (0.22, 0.30),
+}
+_SUPERSAMPLE = 4
+_MIN_RESOLUTION = 16
+
+
+def _check_category(category: str) -> str:
+    if category not in CATEGORIES:
+        raise ValueError(f"category={category!r} is not one of {CATEGORIES}")
+    return category
+
+
+def _choice(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _distinct(rng: np.random.Generator, options: Sequence[Any], k: int) -> list[Any]:
+    return [options[int(i)] for i in rng.choice(len(options), size=k, replace=False)]
+
+
+def sample_spec(rng: np.random.Generator, category: str) -> dict:
+    """Draws what a caption of ``category`` says: ``{"category", "objects": [{"shape", "colour", "count"}],
+    "relation"}``. ``colour`` is None when the caption does not name it; ``relation`` is None except for
+    ``position``, where it is ``{"subject": 0, "relation": "left of", "object": 1}``."""
+    _check_category(category)
+    relation = None
+    if category == "single_object":
+        objects = [{"shape": _choice(rng, SHAPES), "colour": None, "count": 1}]
+    elif category == "two_object":
+        objects = [{"shape": s, "colour": None, "count": 1} for s in _distinct(rng, SHAPES, 2)]
+    elif category == "counting":
+        objects = [{"shape": _choice(rng, SHAPES), "colour": None, "count": int(_choice(rng, COUNTS))}]
+    elif category == "colors":
+        objects = [{"shape": _choice(rng, SHAPES), "colour": _choice(rng, list(COLOURS)), "count": 1}]
+    elif category == "position":
+        objects = [{"shape": s, "colour": None, "count": 1} for s in _distinct(rng, SHAPES, 2)]
+        relation = {"subject": 0, "relation": _choice(rng, RELATIONS), "object": 1}
+    else:  # color_attr
+        shapes, colours = _distinct(rng, SHAPES, 2), _distinct(rng, list(COLOURS), 2)
+        objects = [{"shape": s, "colour": c, "count": 1} for s, c in zip(shapes, colours)]
+    return {"category": category, "objects": objects, "relation": relation}
+
+
+def _boxes_apart(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+    """True when two square boxes (cx, cy, size) are separated by at least _GAP along some axis."""
+    reach = (a[2] + b[2]) / 2 + _GAP
+    return abs(a[0] - b[0]) >= reach or abs(a[1] - b[1]) >= reach
+
+
+def _random_box(rng: np.random.Generator, size: float) -> tuple[float, float, float]:
+    lo, hi = _MARGIN + size / 2, 1 - _MARGIN - size / 2
+    return float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), size
+
+
+def _position_pair(rng: np.random.Generator, sizes: tuple[float, float], relation: str):
+    """Places subject and object so that ``relation`` holds clearly: the offset along the relation's axis
+    exceeds the two half-sizes plus the gap, and the cross-axis offset is at most 0.3 of it (so GenEval's
+    rule finds the relation and no other)."""
+    s_a, s_b = sizes
+    for _ in range(1000):
+        along = float(rng.uniform((s_a + s_b) / 2 + _GAP, 1 - 2 * _MARGIN - (s_a + s_b) / 2))
+        across = float(rng.uniform(-0.3, 0.3)) * along
+        sign = -1.0 if relation in ("left of", "above") else 1.0
+        # offset = subject centre - object centre (y grows downwards, so "above" is negative)
+        offset = (sign * along, across) if relation in ("left of", "right of") else (across, sign * along)
+        # draw the object's centre where both boxes stay inside the margins
+        lo_x = max(_MARGIN + s_b / 2, _MARGIN + s_a / 2 - offset[0])
+        hi_x = min(1 - _MARGIN - s_b / 2, 1 - _MARGIN - s_a / 2 - offset[0])
+        lo_y = max(_MARGIN + s_b / 2, _MARGIN + s_a / 2 - offset[1])
+        hi_y = min(1 - _MARGIN - s_b / 2, 1 - _MARGIN - s_a / 2 - offset[1])
+        if lo_x > hi_x or lo_y > hi_y:
+            continue
+        bx, by = float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))
+        return (bx + offset[0], by + offset[1], s_a), (bx, by, s_b)
+    raise RuntimeError(f"could not place a pair of sizes {sizes} for relation {relation!r}")
+
+
+def layout_scene(rng: np.random.Generator, spec: dict) -> dict:
+    """Gives a spec (see ``sample_spec``) a concrete layout: sizes, centres and colours for objects whose
+    colour the caption leaves open. Objects never overlap and keep a gap between them."""
+    category = _check_category(spec["category"])
+    size_lo, size_hi = _SIZE_RANGES[category]
+    wanted: list[tuple[str, str | None]] = []
+    for obj in spec["objects"]:
+        if obj["shape"] not in SHAPES:
+            raise ValueError(f"shape={obj['shape']!r} is not one of {SHAPES}")
+        if obj.get("colour") is not None and obj["colour"] not in COLOURS:
+            raise ValueError(f"colour={obj['colour']!r} is not one of {tuple(COLOURS)}")
+        wanted += [(obj["shape"], obj.get("colour"))] * int(obj.get("count", 1))
+    colours = [c if c is not None else _choice(rng, list(COLOURS)) for _, c in wanted]
+
+    relation = spec.get("relation")
+    if relation is not None:
+        if relation["relation"] not in RELATIONS:
+            raise ValueError(f"relation={relation['relation']!r} is not one of {RELATIONS}")
+        if len(wanted) != 2:
+            raise ValueError(f"a position spec needs exactly two objects, got {len(wanted)}")
+        sizes = (float(rng.uniform(size_lo, size_hi)), float(rng.uniform(size_lo, size_hi)))
+        boxes = list(_position_pair(rng, sizes, relation["relation"]))
+        if relation["subject"] == 1:  # the pair is built subject-first
+            boxes.reverse()
+    else:
+        for _ in range(200):  # rejection sampling; a restart redraws the sizes as well
+            boxes = []
+            for _shape in wanted:
+                size = float(rng.uniform(size_lo, size_hi))
+                for _ in range(200):
+                    box = _random_box(rng, size)
+                    if all(_boxes_apart(box, other) for other in boxes):
+                        boxes.append(box)
+                        break
+                else:
+                    break
+            if len(boxes) == len(wanted):
+                break
+        else:
+            raise RuntimeError(f"could not lay out {len(wanted)} objects for category {category!r}")
+
+    objects = [
+        {"shape": shape, "colour": colour, "centre": [round(x, 4), round(y, 4)], "size": round(size, 4)}
+        for (shape, _), colour, (x, y, size) in zip(wanted, colours, boxes)
+    ]
+    return {"category": category, "objects": objects, "relation": None if relation is None else dict(relation)}
+
+
+def sample_scene(rng: np.random.Generator, category: str) -> dict:
+    """A random scene of ``category``: ``layout_scene(rng, sample_spec(rng, category))``."""
+    return layout_scene(rng, sample_spec(rng, category))
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _noun_phrase(shape: str, colour: str | None = None) -> str:
+    words = f"{colour} {shape}" if colour else shape
+    return f"{_article(words)} {words}"
+
+
+def caption_for(scene: dict) -> str:
+    """The GenEval-style caption of a scene (or of a spec): what the category asks to be checked."""
+    category = _check_category(scene["category"])
+    objects = scene["objects"]
+    if category == "counting":
+        shape = objects[0]["shape"]
+        count = sum(int(o.get("count", 1)) for o in objects)
+        return f"a photo of {COUNT_WORDS[count]} {PLURALS[shape]}"
+    if category == "single_object":
+        return f"a photo of {_noun_phrase(objects[0]['shape'])}"
+    if category == "colors":
+        return f"a photo of {_noun_phrase(objects[0]['shape'], objects[0]['colour'])}"
+    if category == "two_object":
+        return f"a photo of {_noun_phrase(objects[0]['shape'])} and {_noun_phrase(objects[1]['shape'])}"
+    if category == "color_attr":
+        first, second = objects[0], objects[1]
+        return (
+            f"a photo of {_noun_phrase(first['shape'], first['colour'])} and "
+            f"{_noun_phrase(second['shape'], second['colour'])}"
+        )
+    relation = scene["relation"]
+    subject, other = objects[relation["subject"]], objects[relation["object"]]
+    return f"a photo of {_noun_phrase(subject['shape'])} {relation['relation']} {_noun_phrase(other['shape'])}"
+
+
+def shape_outline(shape: str, cx: float, cy: float, size: float) -> tuple[str, list[tuple[float, float]]]:
+    """Geometry of a shape whose square bounding box has centre (cx, cy) and side ``size`` (any units).
+    Returns ("ellipse", [top-left, bottom-right]) or ("polygon", vertices). Shared by the renderer and
+    the detector's templates, so both agree on what each shape looks like."""
+    half = size / 2
+    left, top, right, bottom = cx - half, cy - half, cx + half, cy + half
+    if shape == "circle":
+        return "ellipse", [(left, top), (right, bottom)]
+    if shape == "square":
+        return "polygon", [(left, top), (right, top), (right, bottom), (left, bottom)]
+    if shape == "triangle":
+        return "polygon", [(cx, top), (right, bottom), (left, bottom)]
+    if shape == "diamond":
+        return "polygon", [(cx, top), (right, cy), (cx, bottom), (left, cy)]
+    raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, fill) -> None:
+    kind, points = shape_outline(shape, cx, cy, size)
+    # PIL's coordinates address pixel corners for polygons but include the end pixel for ellipses; at 4x
+    # supersampling the half-pixel difference is 1/8 px after downscaling, so it is ignored.
+    if kind == "ellipse":
+        draw.ellipse(points, fill=fill)
+    else:
+        draw.polygon(points, fill=fill)
+
+
+def render_scene(scene: dict, resolution: int, supersample: int = _SUPERSAMPLE) -> Image.Image:
+    """Renders a scene to an RGB PIL image of ``resolution`` x ``resolution``: drawn at ``supersample``
+    times the size, then box-filtered down (exact area coverage, so edges keep the object's hue)."""
+    if not isinstance(resolution, int) or resolution < _MIN_RESOLUTION:
+        raise ValueError(f"resolution={resolution!r} must be an int >= {_MIN_RESOLUTION}")
+    big = resolution * supersample
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene["objects"]:
+        if obj["colour"] not in COLOURS:
+            raise ValueError(f"colour={obj['colour']!r} is not one of {tuple(COLOURS)}")
+        cx, cy = obj["centre"]
+        _draw(draw, obj["shape"], cx * big, cy * big, obj["size"] * big, COLOURS[obj["colour"]])
+    return canvas.resize((resolution, resolution), Image.BOX) if supersample > 1 else canvas
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
+
+
+class ShapesDataset(Dataset):
+    """Map-style dataset of rendered shape scenes.
+
+    Item ``i`` depends only on ``(seed, i)``. Yields ``{"image": float (3, R, R) in [-1, 1], "caption": str,
+    "meta": scene dict + {"seed", "index"}}``.
+
+    Args:
+        resolution: image side in pixels (>= 16; 32 and 64 are what the evaluator is tested at).
+        length: number of items.
+        seed: dataset seed; two datasets with different seeds share no scenes by construction.
+        categories: subset of ``CATEGORIES`` to draw from (uniformly); None = all six.
+    """
+
+    def __init__(
+        self,
+        resolution: int = 64,
+        length: int = 10000,
+        seed: int = 0,
+        categories: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(resolution, int) or resolution < _MIN_RESOLUTION:
+            raise ValueError(f"resolution={resolution!r} must be an int >= {_MIN_RESOLUTION}")
+        if not isinstance(length, int) or length <= 0:
+            raise ValueError(f"length={length!r} must be a positive int")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be a non-negative int")
+        if categories is None:
+            categories = CATEGORIES
+        if isinstance(categories, str):
+            categories = [categories]
+        categories = tuple(categories)
+        if not categories:
+            raise ValueError(f"categories must name at least one of {CATEGORIES}")
+        for category in categories:
+            if category not in CATEGORIES:
+                raise ValueError(f"categories: {category!r} is not one of {CATEGORIES}")
+        self.resolution = resolution
+        self.length = length
+        self.seed = seed
+        self.categories = categories
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> dict:
+        """The scene of item ``index`` without rendering it."""
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
+        index %= self.length
+        rng = np.random.default_rng([self.seed, index])
+        scene = sample_scene(rng, _choice(rng, self.categories))
+        scene.update(seed=self.seed, index=index)
+        return scene
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(int(index))
+        image = render_scene(scene, self.resolution)
+        return {"image": pil_to_tensor(image), "caption": caption_for(scene), "meta": scene}
+
+    def __repr__(self) -> str:
+        return (
+            f"ShapesDataset(resolution={self.resolution}, length={self.length}, seed={self.seed}, "
+            f"categories={list(self.categories)})"
+        )
