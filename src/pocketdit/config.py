@@ -342,6 +342,8 @@ def _validate_values(cfg: TrainConfig) -> None:
 def _parse_value(text: str) -> Any:
     import yaml
 
+    if text.strip() == "":
+        return ""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

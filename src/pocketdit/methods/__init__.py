@@ -1,0 +1,93 @@
+"""Training methods: each turns a batch into a dict of losses; the trainer owns everything else.
+
+A method is a class registered under a name:
+
+    @register_method("pretrain")
+    class FlowMatchingPretrain(TrainingMethod):
+        def __init__(self, model, text_conditioner, autoencoder, **options): ...
+        def step(self, batch) -> dict[str, torch.Tensor]:   # must contain "loss"
+
+The trainer builds it with `build_method(name, model=..., text_conditioner=..., autoencoder=..., **options)`,
+may replace `method.model` with a DDP/FSDP-wrapped module, and sets `method.generator` (a torch.Generator
+whose state is checkpointed) before the first step. Methods draw all their randomness (noise, timesteps,
+caption dropout) from that generator so that a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, Type
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TrainingMethod", "METHODS", "register_method", "get_method", "build_method", "method_options"]
+
+
+class TrainingMethod:
+    """Base class. Subclasses set `self.model` (the module whose parameters are trained) and implement `step`."""
+
+    model: nn.Module
+    generator: torch.Generator
+
+    def step(self, batch: dict) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def to(self, device):
+        """Move the frozen helpers (text encoders, autoencoder, teachers) to `device`; the trainer moves the model."""
+        return self
+
+
+METHODS: Dict[str, Type[TrainingMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    def wrap(cls):
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"training method {name!r} is already registered to {METHODS[name].__name__}")
+        METHODS[name] = cls
+        cls.method_name = name
+        return cls
+
+    return wrap
+
+
+def _load_builtin():
+    from . import pretrain  # noqa: F401  (registers "pretrain")
+
+    for optional in ("elastic", "kd", "kdmd"):  # later methods register themselves when their module exists
+        try:
+            __import__(f"{__name__}.{optional}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{optional}":
+                raise
+
+
+def get_method(name: str) -> Type[TrainingMethod]:
+    _load_builtin()
+    if name not in METHODS:
+        raise ValueError(f"unknown training method {name!r}; available: {sorted(METHODS)} (config key method.name)")
+    return METHODS[name]
+
+
+def method_options(name: str) -> list[str]:
+    """Keyword options a method accepts beyond the components the trainer passes."""
+    cls = get_method(name)
+    params = inspect.signature(cls.__init__).parameters
+    return [k for k in params if k not in ("self", "model", "text_conditioner", "autoencoder")]
+
+
+def build_method(name: str, **kwargs) -> TrainingMethod:
+    cls = get_method(name)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(kwargs) - set(params))
+        if bad:
+            raise ValueError(
+                f"unknown option(s) {['method.' + k for k in bad]} for training method {name!r}; "
+                f"valid options: {['method.' + k for k in method_options(name)]}"
+            )
+    return cls(**kwargs)

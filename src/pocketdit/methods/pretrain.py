@@ -1,0 +1,135 @@
+"""Flow-matching pretraining (SnapGen++ stage 1, without the elastic sub-nets).
+
+    x0 = autoencoder.encode(image)        (or batch["latents"] when latents were cached)
+    t ~ logit-normal, shifted for the resolution;  noise ~ N(0, I)
+    x_t = (1 - t) x0 + t noise;            loss = || model(x_t, t, text) - (noise - x0) ||^2
+
+Caption dropout is applied here, per text encoder, by turning that encoder's mask all False (the model
+then attends only to its learned null token) - the same input the sampler uses for the unconditional
+branch of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import flow
+from . import TrainingMethod, register_method
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def encode_prompts(text_conditioner, prompts: Sequence[str]):
+    """Text states and masks (lists, one per encoder) for `prompts`, without caption dropout."""
+    prompts = list(prompts)
+    if hasattr(text_conditioner, "encode"):
+        out = text_conditioner.encode(prompts)
+    else:
+        out = text_conditioner(prompts)
+    states, masks = out
+    return _as_list(states), _as_list(masks)
+
+
+def text_dropout_probs(text_conditioner, override=None) -> list[float]:
+    n = len(getattr(text_conditioner, "embed_dims", [None]))
+    if override is not None:
+        probs = _as_list(override)
+    else:
+        probs = _as_list(getattr(text_conditioner, "dropout_probs", 0.0))
+    if len(probs) == 1 and n > 1:
+        probs = probs * n
+    if len(probs) != n:
+        raise ValueError(f"caption dropout needs one probability per text encoder ({n}), got {probs}")
+    return [float(p) for p in probs]
+
+
+@register_method("pretrain")
+class FlowMatchingPretrain(TrainingMethod):
+    """Velocity-matching loss on (image, caption) batches.
+
+    Args:
+        model: a PocketDiT (or a wrapped one; the trainer may swap in DDP/FSDP).
+        text_conditioner: gives per-encoder (states, masks) for a list of prompts.
+        autoencoder: `encode(images in [-1, 1]) -> latents`; `PixelSpace()` for pixel-space models.
+        logit_mean, logit_std: logit-normal timestep distribution (SD3 uses 0, 1).
+        shift: time shift; None = resolution-dependent sqrt(tokens / base_tokens).
+        base_tokens: token count at which the resolution shift is 1.
+        caption_dropout: per-encoder probability (or one for all); None = the conditioner's dropout_probs.
+    """
+
+    def __init__(
+        self,
+        model,
+        text_conditioner,
+        autoencoder,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: Optional[float] = None,
+        base_tokens: int = 256,
+        caption_dropout: Union[float, Sequence[float], None] = None,
+    ):
+        self.model = model
+        self.text_conditioner = text_conditioner
+        self.autoencoder = autoencoder
+        self.logit_mean = float(logit_mean)
+        self.logit_std = float(logit_std)
+        self.shift = None if shift is None else float(shift)
+        self.base_tokens = int(base_tokens)
+        self.patch_size = int(model.config.patch_size)
+        self.dropout_probs = text_dropout_probs(text_conditioner, caption_dropout)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def to(self, device):
+        for part in (self.text_conditioner, self.autoencoder):
+            if hasattr(part, "to"):
+                part.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        device = self.device
+        if "latents" in batch:
+            return batch["latents"].to(device, torch.float32)
+        with torch.no_grad():
+            return self.autoencoder.encode(batch["image"].to(device, torch.float32)).float()
+
+    def text(self, prompts: Sequence[str]):
+        """Encode prompts and apply caption dropout (drawn from self.generator)."""
+        device = self.device
+        with torch.no_grad():
+            states, masks = encode_prompts(self.text_conditioner, prompts)
+        b = len(prompts)
+        out_masks = []
+        for mask, p in zip(masks, self.dropout_probs):
+            mask = mask.to(device).bool()
+            keep = torch.rand(b, generator=self.generator) >= p
+            out_masks.append(mask & keep.to(device)[:, None])
+        # Zero the dropped states too, as TextConditioner.apply_dropout does (the mask alone already hides them).
+        states = [s.to(device) * m.any(dim=1)[:, None, None].to(s.dtype) for s, m in zip(states, out_masks)]
+        return states, out_masks
+
+    def step(self, batch: dict) -> dict:
+        x0 = self.latents(batch)
+        b, _, h, w = x0.shape
+        states, masks = self.text(batch["caption"])
+        num_tokens = (h // self.patch_size) * (w // self.patch_size)
+        t = flow.sample_timesteps(
+            b, num_tokens, self.generator, mean=self.logit_mean, std=self.logit_std, shift=self.shift,
+            base_tokens=self.base_tokens,
+        ).to(x0.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
+        x_t = flow.add_noise(x0, noise, t)
+        target = flow.velocity_target(x0, noise)
+        if len(states) == 1:
+            states, masks = states[0], masks[0]
+        pred = self.model(x_t, t, states, masks).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        return {"loss": loss}
