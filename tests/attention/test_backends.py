@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pocketdit import PocketDiT
-from pocketdit.attention import SelfAttention, rope_2d
+from pocketdit.attention import KVCompression, SelfAttention, rope_2d
 from pocketdit.attention import backends
 from pocketdit.attention.functional import (
     adaptive_sparse_attention,
@@ -191,3 +191,27 @@ def test_export_traces_the_reference_path():
     assert any("index" in op for op in ops), ops  # the reference's neighbour gather
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x, cos, sin), layer(x, (cos, sin), 8, 8), atol=1e-5, rtol=1e-4)
+
+
+def test_kv_compression_equals_its_depthwise_conv():
+    # KVCompression computes its conv as a weighted 2x2 sum in the attention layout; check it against
+    # the Conv2d it holds, with trained-looking weights and bias, forward and backward.
+    heads, d, height, width = 3, 8, 6, 10
+    comp = KVCompression(heads * d)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        comp.conv.weight.copy_(torch.randn(comp.conv.weight.shape, generator=g))
+        comp.conv.bias.copy_(torch.randn(comp.conv.bias.shape, generator=g))
+    x = torch.randn(2, height * width, heads, d, generator=g).transpose(1, 2).requires_grad_(True)
+    grid = x.permute(0, 1, 3, 2).reshape(2, heads * d, height, width)
+    expected = comp.conv(grid).reshape(2, heads, d, -1).permute(0, 1, 3, 2)
+    out = comp(x, height, width)
+    assert out.shape == (2, heads, height * width // 4, d)
+    assert rel_err(out, expected) < TOL
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), [x, comp.conv.weight, comp.conv.bias])
+    ref = torch.autograd.grad((expected * w).sum(), [x, comp.conv.weight, comp.conv.bias])
+    for a, b in zip(grads, ref):
+        assert rel_err(a, b) < TOL
+    with pytest.raises(ValueError, match="even height x width"):
+        comp(x, height + 1, width)
