@@ -12,6 +12,15 @@ from pocketdit.text import (
     build_text_encoder,
 )
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convs/matmuls run fastest on one thread; on a shared CPU, OpenMP thread contention costs up to 40x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 WORDS = ["a", "red", "green", "blue", "circle", "square", "triangle", "on", "left", "of", "the", "big", "small"]
 
 
