@@ -144,6 +144,12 @@ def test_kl_per_channel_statistics_and_sampling(tmp_path):
     raw = vae.encode(x).latent_dist.mode()
     want = (raw - torch.tensor([0.2, -0.1])[None, :, None, None]) * 0.5 / torch.tensor([2.0, 4.0])[None, :, None, None]
     assert torch.allclose(z, want, atol=1e-5)
+    # Same config and folder name, different weights -> different names (latent-cache keys).
+    torch.manual_seed(1)
+    AutoencoderKL(**vae.config).save_pretrained(tmp_path / "other" / tmp_path.name)
+    other = DiffusersAutoencoder.from_pretrained(tmp_path / "other" / tmp_path.name)
+    assert other.name != ae.name and other.name.split("-")[:-1] == ae.name.split("-")[:-1]
+    assert DiffusersAutoencoder.from_pretrained(tmp_path).name == ae.name
     sampled = DiffusersAutoencoder.from_pretrained(tmp_path, sample_posterior=True)
     a = sampled.encode(x, generator=torch.Generator().manual_seed(0))
     b = sampled.encode(x, generator=torch.Generator().manual_seed(0))
@@ -222,7 +228,9 @@ def test_fit_latent_normalization_gives_unit_latents():
     torch.manual_seed(0)
     ae = TinyAutoencoder(**TINY_CFG).eval()
     x = _images(8, 32)
+    name_before = ae.name
     ae.fit_latent_normalization([x[:4], x[4:]])
+    assert ae.name != name_before and ae.name.startswith("tiny-ae-f2c4-")  # cache keys follow the statistics
     z = ae.encode(x)
     per_channel = z.transpose(0, 1).reshape(4, -1)
     assert torch.allclose(per_channel.mean(1), torch.zeros(4), atol=1e-4)
@@ -267,7 +275,7 @@ def test_train_autoencoder_learns_saves_and_reloads(tmp_path):
     model = result.model
     assert model.normalization_fitted
     loaded = load_autoencoder(out)
-    assert isinstance(loaded, TinyAutoencoder)
+    assert isinstance(loaded, TinyAutoencoder) and loaded.name == model.name
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     x = torch.stack([data[i]["image"] for i in range(4)])

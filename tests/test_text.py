@@ -24,7 +24,7 @@ def _one_thread():
 WORDS = ["a", "red", "green", "blue", "circle", "square", "triangle", "on", "left", "of", "the", "big", "small"]
 
 
-def _save_word_tokenizer(path, bos_eos=False):
+def _save_word_tokenizer(path, bos_eos=False, pad=True):
     """A tiny word-level tokenizer built offline and saved as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -38,7 +38,7 @@ def _save_word_tokenizer(path, bos_eos=False):
             single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tok, pad_token="[PAD]" if pad else None, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
     )
     fast.save_pretrained(path)
     return len(vocab)
@@ -134,6 +134,21 @@ def test_tiny_clip_loads_through_hf_encoder(tiny_clip_dir):
     assert torch.allclose(states[:1], want, atol=1e-6)
 
 
+def test_name_tracks_weights(tiny_clip_dir, tmp_path):
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    copy = tmp_path / tiny_clip_dir.name
+    shutil.copytree(tiny_clip_dir, copy)
+    assert HFTextEncoder(copy, max_length=8).name == HFTextEncoder(tiny_clip_dir, max_length=8).name
+    model = CLIPTextModel.from_pretrained(copy)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(copy)
+    assert HFTextEncoder(copy, max_length=8).name != HFTextEncoder(tiny_clip_dir, max_length=8).name
+
+
 def test_hidden_layer_selects_intermediate_states(tiny_clip_dir):
     last = HFTextEncoder(tiny_clip_dir, max_length=8)
     penult = HFTextEncoder(tiny_clip_dir, max_length=8, hidden_layer=-2)
@@ -154,6 +169,26 @@ def test_tiny_t5_loads_through_hf_encoder(tiny_t5_dir):
     assert mask.sum(1).tolist() == [2, 4]
     again, _ = enc.encode(["green triangle", "a small red square"])
     assert torch.equal(states, again)
+    assert HFTextEncoder(tiny_t5_dir, max_length=10).name == enc.name  # stable across loads
+
+
+def test_tiny_decoder_lm_without_pad_token(tmp_path):
+    """Gemma-style decoder LM: AutoModel's last hidden state; the missing pad token falls back to eos."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    vocab = _save_word_tokenizer(tmp_path, bos_eos=True, pad=False)
+    torch.manual_seed(0)
+    cfg = GemmaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    GemmaForCausalLM(cfg).save_pretrained(tmp_path)
+    enc = HFTextEncoder(tmp_path, max_length=8)
+    assert type(enc.model).__name__ == "GemmaModel" and enc.embed_dim == 32
+    assert enc.tokenizer.pad_token == "</s>"
+    states, mask = enc.encode(["a red circle", "big"])
+    assert states.shape == (2, 8, 32) and mask.sum(1).tolist() == [5, 3]
+    # Causal model + right padding: a prompt's real-token states do not depend on the padding after it.
+    alone, _ = enc.encode(["big"])
+    assert torch.allclose(alone[0, :3], states[1, :3], atol=1e-5)
 
 
 def test_max_length_beyond_positions_is_an_error(tiny_clip_dir):

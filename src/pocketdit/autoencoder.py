@@ -20,6 +20,7 @@ Every autoencoder here has the same small interface:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -274,9 +275,13 @@ class TinyAutoencoder(_LatentSpaceMixin, ModelMixin, ConfigMixin):
 
     @property
     def name(self) -> str:
+        """Architecture + a hash of the current weights and normalisation (a stable latent-cache key)."""
         c = self.config
-        return (f"tiny-ae-f{self.downsample_factor}c{c.latent_channels}-"
-                f"{'x'.join(map(str, c.encoder_block_out_channels))}-{'x'.join(map(str, c.decoder_block_out_channels))}")
+        h = hashlib.sha256()
+        for key, t in self.state_dict().items():
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return f"tiny-ae-f{self.downsample_factor}c{c.latent_channels}-{h.hexdigest()[:8]}"
 
     @property
     def normalization_fitted(self) -> bool:
@@ -341,6 +346,22 @@ def _low_cpu_mem_usage() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("accelerate") is not None
+
+
+def _dir_fingerprint(model_dir: Path) -> str:
+    """Short hash of config.json and the weight files (size + first and last MiB): different weights with the
+    same config get different names, and so different latent-cache keys, without reading a whole VAE."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return h.hexdigest()[:8]
 
 
 def _read_config(path: Path) -> dict:
@@ -429,8 +450,6 @@ class DiffusersAutoencoder(_LatentSpaceMixin, nn.Module):
     @classmethod
     def from_pretrained(cls, local_dir: Union[str, os.PathLike], torch_dtype: torch.dtype = torch.float32,
                         sample_posterior: bool = False) -> "DiffusersAutoencoder":
-        import hashlib
-
         import diffusers
 
         path = _resolve_model_dir(local_dir, "/".join(SUPPORTED_DIFFUSERS_AUTOENCODERS))
@@ -443,9 +462,8 @@ class DiffusersAutoencoder(_LatentSpaceMixin, nn.Module):
             )
         vae = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=torch_dtype,
                                                           low_cpu_mem_usage=_low_cpu_mem_usage())
-        digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:8]
-        return cls(vae, name=f"{path.resolve().name if path.name != 'vae' else path.resolve().parent.name}-"
-                             f"{class_name}-{digest}", sample_posterior=sample_posterior)
+        folder = path.resolve().parent.name if path.name == "vae" else path.resolve().name
+        return cls(vae, name=f"{folder}-{class_name}-{_dir_fingerprint(path)}", sample_posterior=sample_posterior)
 
     @property
     def latent_channels(self) -> int:

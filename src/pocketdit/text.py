@@ -172,8 +172,20 @@ def _find_tokenizer_dir(model_dir: Path) -> Optional[Path]:
     return None
 
 
-def _config_hash(config_file: Path) -> str:
-    return hashlib.sha256(config_file.read_bytes()).hexdigest()[:8]
+def _dir_fingerprint(model_dir: Path) -> str:
+    """Short hash of config.json and the weight files (size + first and last MiB): two fine-tunes of the same
+    architecture get different names, and so different embedding-cache keys, without reading GBs of weights."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return h.hexdigest()[:8]
 
 
 class HFTextEncoder(TextEncoder):
@@ -185,6 +197,7 @@ class HFTextEncoder(TextEncoder):
         final layer norm.
       * encoder-decoder models (T5, mT5, UMT5, BART ...) -> the encoder only (T5EncoderModel for the T5 family).
       * anything else (BERT, Gemma and other decoder LMs) -> AutoModel's last hidden state.
+    `name` is the directory name + a fingerprint of its config and weights + the layer and max_length.
     `hidden_layer=-1` takes the final output; other values take `hidden_states[hidden_layer]` (e.g. -2, the
     penultimate layer, as SDXL does with CLIP).
     """
@@ -273,7 +286,7 @@ class HFTextEncoder(TextEncoder):
         self.hidden_layer = hidden_layer
         self.embed_dim = int(getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model"))
         layer = "" if hidden_layer == -1 else f"/layer{hidden_layer}"
-        self.name = f"{model_dir.resolve().name}-{_config_hash(config_file)}{layer}@{max_length}"
+        self.name = f"{model_dir.resolve().name}-{_dir_fingerprint(model_dir)}{layer}@{max_length}"
         self._freeze()
 
     def _forward_tokens(self, input_ids, attention_mask):
