@@ -108,6 +108,8 @@ class TrainSection:
     # "auto" = DDP when launched with torchrun and more than one process; "none", "ddp", "fsdp".
     distributed: str = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # CPU threads for torch (0 = torch's default). On a shared CPU, 1 avoids OpenMP oversubscription.
+    num_threads: int = 0
     sample_prompts: list = field(
         default_factory=lambda: [
             "a red circle",
@@ -298,6 +300,7 @@ def _validate_values(cfg: TrainConfig) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip,
         "train.sample_every": cfg.train.sample_every,
+        "train.num_threads": cfg.train.num_threads,
     }
     for key, value in non_negative.items():
         if value < 0:

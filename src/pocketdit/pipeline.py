@@ -174,13 +174,17 @@ class PocketDiTPipeline:
         guidance_scale: Optional[float] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
-        seed: Optional[int] = 0,
+        seed: Union[int, Sequence[int], None] = 0,
         shift: Optional[float] = None,
         output_type: str = "pil",
         progress: bool = True,
         generator: Optional[torch.Generator] = None,
     ):
-        """Generate one image per prompt. output_type "pil" (list of PIL images) or "pt" (tensor in [-1, 1])."""
+        """Generate one image per prompt. output_type "pil" (list of PIL images) or "pt" (tensor in [-1, 1]).
+
+        `seed` is one integer for the batch, or one per prompt (image i's noise then depends only on seed[i],
+        so an image does not change with the batch it is generated in). `generator` overrides `seed`.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -209,10 +213,17 @@ class PocketDiTPipeline:
                 s, m = s[0], m[0]
             return model(x, t.to(dev), s, m).sample.float()
 
-        if generator is None:
-            generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         c = self.autoencoder.latent_channels
-        noise = torch.randn(b, c, lh, lw, generator=generator).to(dev)
+        if generator is None and isinstance(seed, (list, tuple)):
+            if len(seed) != b:
+                raise ValueError(f"got {len(seed)} seeds for {b} prompts; pass one seed or one per prompt")
+            noise = torch.cat(
+                [torch.randn(1, c, lh, lw, generator=torch.Generator().manual_seed(int(s))) for s in seed]
+            ).to(dev)
+        else:
+            if generator is None:
+                generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+            noise = torch.randn(b, c, lh, lw, generator=generator).to(dev)
         latents = flow.euler_sample(denoise, noise, num_steps, shift=shift, guidance_scale=guidance_scale, progress=progress)
         images = self.autoencoder.decode(latents).float().clamp(-1, 1)
         if was_training:

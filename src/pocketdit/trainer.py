@@ -344,6 +344,8 @@ class Trainer:
         self.tcfg, self.ocfg = config.train, config.optim
         self.collate_fn = collate_fn or _default_collate
         self.output_dir = Path(self.tcfg.output_dir)
+        if self.tcfg.num_threads:
+            torch.set_num_threads(self.tcfg.num_threads)
         self.dist = setup_distributed(self.tcfg.distributed, self.tcfg.device)
         device = self.dist.device
 

@@ -11,6 +11,7 @@ branch of classifier-free guidance.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
 import torch
@@ -60,6 +61,9 @@ class FlowMatchingPretrain(TrainingMethod):
         shift: time shift; None = resolution-dependent sqrt(tokens / base_tokens).
         base_tokens: token count at which the resolution shift is 1.
         caption_dropout: per-encoder probability (or one for all); None = the conditioner's dropout_probs.
+        text_cache_size: keep the encoder outputs of up to this many distinct captions (0 = off). Frozen
+            encoders give the same states for the same caption, so caching changes nothing but speed; worth
+            it for datasets with repeated captions (shapes) where the text encoder costs as much as the DiT.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class FlowMatchingPretrain(TrainingMethod):
         shift: Optional[float] = None,
         base_tokens: int = 256,
         caption_dropout: Union[float, Sequence[float], None] = None,
+        text_cache_size: int = 0,
     ):
         self.model = model
         self.text_conditioner = text_conditioner
@@ -83,6 +88,10 @@ class FlowMatchingPretrain(TrainingMethod):
         self.patch_size = int(model.config.patch_size)
         self.dropout_probs = text_dropout_probs(text_conditioner, caption_dropout)
         self.generator = torch.Generator().manual_seed(0)
+        if text_cache_size < 0:
+            raise ValueError(f"text_cache_size must be >= 0, got {text_cache_size}")
+        self.text_cache_size = int(text_cache_size)
+        self._text_cache: "OrderedDict[str, tuple]" = OrderedDict()
 
     def to(self, device):
         for part in (self.text_conditioner, self.autoencoder):
@@ -105,7 +114,7 @@ class FlowMatchingPretrain(TrainingMethod):
         """Encode prompts and apply caption dropout (drawn from self.generator)."""
         device = self.device
         with torch.no_grad():
-            states, masks = encode_prompts(self.text_conditioner, prompts)
+            states, masks = self._encode_cached(list(prompts))
         b = len(prompts)
         out_masks = []
         for mask, p in zip(masks, self.dropout_probs):
@@ -115,6 +124,26 @@ class FlowMatchingPretrain(TrainingMethod):
         # Zero the dropped states too, as TextConditioner.apply_dropout does (the mask alone already hides them).
         states = [s.to(device) * m.any(dim=1)[:, None, None].to(s.dtype) for s, m in zip(states, out_masks)]
         return states, out_masks
+
+    def _encode_cached(self, prompts: list[str]):
+        if self.text_cache_size == 0:
+            return encode_prompts(self.text_conditioner, prompts)
+        cache = self._text_cache
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        for p in missing:
+            # One prompt at a time: a caption's states then never depend on which batch first brought it in,
+            # so a resumed run (empty cache) sees bit-identical text states.
+            states, masks = encode_prompts(self.text_conditioner, [p])
+            cache[p] = ([s[0].cpu() for s in states], [m[0].cpu() for m in masks])
+        for p in prompts:
+            cache.move_to_end(p)
+        rows = [cache[p] for p in prompts]
+        while len(cache) > self.text_cache_size:
+            cache.popitem(last=False)
+        n = len(rows[0][0])
+        states = [torch.stack([r[0][i] for r in rows]) for i in range(n)]
+        masks = [torch.stack([r[1][i] for r in rows]) for i in range(n)]
+        return states, masks
 
     def step(self, batch: dict) -> dict:
         x0 = self.latents(batch)

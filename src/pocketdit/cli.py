@@ -1,0 +1,451 @@
+"""`pocketdit <command>`: info, train, generate, eval, train-ae, quantize, export, bench.
+
+Imports are lazy so that `pocketdit --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"pocketdit: error: {message}", file=sys.stderr)
+    return code
+
+
+# ----------------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    import torch
+
+    from .model import PRESETS, PocketDiT
+
+    if args.preset not in PRESETS:
+        return _error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    factor = args.vae_factor
+    if args.resolution % factor:
+        return _error(f"--resolution {args.resolution} is not a multiple of the autoencoder factor {factor}")
+    t0 = time.perf_counter()
+    model = PocketDiT.from_preset(args.preset).to(device=device, dtype=dtype).eval()
+    build_s = time.perf_counter() - t0
+    cfg = model.config
+    latent = args.resolution // factor
+    try:
+        model.check_latent_size(latent, latent)
+    except ValueError as e:
+        valid = ", ".join(str(h * factor) for h, _ in model.valid_latent_sizes_near(latent, latent))
+        return _error(f"--resolution {args.resolution}: {e} (valid image sizes nearby: {valid})")
+    params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
+    t = torch.full((args.batch_size,), 0.5, device=device)
+    text = [torch.randn(args.batch_size, args.text_length, d, generator=g).to(device, dtype) for d in cfg.text_embed_dims]
+    text = text[0] if len(text) == 1 else text
+    tokens = (latent // cfg.patch_size) ** 2
+    print(f"PocketDiT preset {args.preset!r}: {params / 1e6:.2f}M parameters (built in {build_s:.1f}s)")
+    print(
+        f"  hidden {cfg.hidden_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}) x {cfg.head_dim}, depths "
+        f"{cfg.depth_down}/{cfg.depth_mid}/{cfg.depth_up}, attention {cfg.attention_types!r}, text widths "
+        f"{tuple(cfg.text_embed_dims)}"
+    )
+    print(
+        f"  image {args.resolution}x{args.resolution} -> latent {cfg.in_channels}x{latent}x{latent} "
+        f"(autoencoder factor {factor}) -> {tokens} tokens in Down/Up, {tokens // 4} in Middle"
+    )
+    times = []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):  # the first call warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            v = model(x, t, text).sample
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    if not bool(torch.isfinite(v).all()):
+        return _error("the denoising step produced non-finite values", 1)
+    best = min(times[1:]) if len(times) > 1 else times[0]
+    print(
+        f"  one denoising step (batch {args.batch_size}, {args.dtype}, {device.type}): {best * 1000:.1f} ms "
+        f"(best of {args.repeats}; first call {times[0] * 1000:.1f} ms); output {tuple(v.shape)}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------
+def cmd_train(args, overrides: Sequence[str]) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        return _error(str(e))
+    if args.resume:
+        cfg.train.resume = args.resume
+    if args.print_config:
+        import yaml
+
+        from .config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    from .trainer import CheckpointError, NonFiniteLossError, build_trainer
+
+    try:
+        trainer = build_trainer(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(str(e))
+    if trainer.dist.is_main:
+        n = sum(p.numel() for p in trainer.model.parameters())
+        print(
+            f"training {cfg.method.name} on {cfg.data.name} at {cfg.data.resolution}px: {n / 1e6:.2f}M parameters, "
+            f"{trainer.dist.world_size} process(es) ({trainer.dist.strategy}) on {trainer.dist.device}, "
+            f"output {cfg.train.output_dir}",
+            flush=True,
+        )
+    try:
+        trainer.train()
+    except NonFiniteLossError as e:
+        return _error(str(e), 1)
+    except CheckpointError as e:
+        return _error(str(e))
+    if trainer.dist.is_main:
+        last = trainer.losses.get(trainer.step)
+        print(f"done: step {trainer.step}, last loss {last if last is None else round(last, 5)}, "
+              f"checkpoint {trainer.last_checkpoint}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------------
+def _load_pipeline(path: str, device: str, ema: bool):
+    import torch
+
+    from .pipeline import PocketDiTPipeline
+
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return PocketDiTPipeline.from_pretrained(path, device=dev, ema=ema)
+
+
+def cmd_generate(args) -> int:
+    from .model import InvalidResolutionError
+    from .pipeline import make_grid
+    from .trainer import CheckpointError
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        pipe = _load_pipeline(args.model, args.device, not args.no_ema)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        return _error(str(e))
+    size = args.size
+    try:
+        images = pipe(
+            args.prompts * args.num_images, num_steps=args.steps, guidance_scale=args.guidance,
+            height=args.height or size, width=args.width or size,
+            seed=[args.seed + i for i in range(len(args.prompts) * args.num_images)], shift=args.shift,
+        )
+    except InvalidResolutionError as e:
+        return _error(str(e))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        images[0].save(out)
+        written = [out]
+    elif args.grid:
+        make_grid(images, ncols=len(args.prompts) if args.num_images > 1 else None).save(out)
+        written = [out]
+    else:
+        written = []
+        for i, im in enumerate(images):
+            p = out.with_name(f"{out.stem}-{i:03d}{out.suffix or '.png'}")
+            im.save(p)
+            written.append(p)
+    for p in written:
+        print(p)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    import torch
+
+    from .trainer import CheckpointError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        pipe = _load_pipeline(args.model, args.device, not args.no_ema)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        return _error(str(e))
+    resolution = args.resolution or pipe.default_size or 32
+    report = {"model": str(args.model), "resolution": resolution, "steps": args.steps, "guidance": args.guidance}
+    if not args.skip_shapes:
+        from .evaluate.shapes_eval import evaluate_generator, save_grid
+
+        def generate(prompts, seeds):
+            return pipe(
+                prompts, num_steps=args.steps, guidance_scale=args.guidance, height=resolution, width=resolution,
+                seed=seeds, output_type="pt", progress=False,
+            ).cpu()
+
+        result = evaluate_generator(
+            generate, resolution, images_per_prompt=args.images_per_prompt, seed=args.seed, batch_size=args.batch_size,
+            return_images=bool(args.grid),
+        )
+        images = result.pop("images", None)
+        report["shapes_eval"] = {k: v for k, v in result.items() if k != "results"}
+        print(f"ShapesEval overall: {result['overall']:.3f}")
+        for cat, acc in result["categories"].items():
+            print(f"  {cat:14s} {acc:.3f}  ({result['num_images'][cat]} images)")
+        if args.grid and images is not None:
+            results = result["results"]
+            picked = list(range(0, len(images), args.images_per_prompt))[: args.grid_size]
+            save_grid([images[i] for i in picked], [results[i]["prompt"] for i in picked], args.grid,
+                      passed=[results[i]["passed"] for i in picked])
+            print(f"grid: {args.grid}")
+        if args.details:
+            Path(args.details).write_text(json.dumps(result["results"], indent=1))
+    if args.fid:
+        try:
+            from .evaluate import fid as fid_mod
+        except ImportError:
+            return _error("--fid needs pocketdit.evaluate.fid, which is not available in this installation")
+        if not hasattr(fid_mod, "evaluate_pipeline_fid"):
+            return _error("pocketdit.evaluate.fid has no evaluate_pipeline_fid(pipeline, resolution=..., ...)")
+        report["fid"] = fid_mod.evaluate_pipeline_fid(
+            pipe, resolution=resolution, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed
+        )
+        print(f"FID: {report['fid']}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(f"report: {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# train-ae
+# ----------------------------------------------------------------------------------------------------
+def cmd_train_ae(args) -> int:
+    from .autoencoder import train_autoencoder
+
+    try:
+        from .data import build_dataset
+    except ImportError:
+        return _error("pocketdit.data.build_dataset is not available in this installation")
+    options = {}
+    for item in args.data_option or []:
+        if "=" not in item:
+            return _error(f"--data-option expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        import yaml
+
+        options[k] = yaml.safe_load(v)
+    options.setdefault("resolution", args.resolution)
+    try:
+        dataset = build_dataset(args.data, **options)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        return _error(f"dataset {args.data!r}: {e}")
+    result = train_autoencoder(
+        dataset, args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, resolution=args.resolution,
+        preset=args.preset, device=args.device, seed=args.seed, num_workers=args.num_workers,
+    )
+    print(result)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantize / export / bench: forwarded to pocketdit.export.cli
+# ----------------------------------------------------------------------------------------------------
+def _forward(name: str, argv: Sequence[str]) -> int:
+    try:
+        from .export import cli as export_cli
+    except ImportError as e:
+        return _error(f"`pocketdit {name}` needs pocketdit.export.cli, which is not available ({e})")
+    fn = getattr(export_cli, f"{name}_command", None)
+    if fn is None:
+        return _error(f"pocketdit.export.cli has no {name}_command(); this installation cannot run `pocketdit {name}`")
+    result = fn(list(argv))
+    return int(result or 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketdit",
+        description="Build, train, sample, evaluate, quantize and export small text-to-image diffusion transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("info", help="build a preset and time one denoising step")
+    p.add_argument("--preset", default="small", help="full, small, tiny or nano (default: small)")
+    p.add_argument("--resolution", type=_positive_int, default=256, help="image side in pixels (default: 256)")
+    p.add_argument("--vae-factor", type=_positive_int, default=8, help="autoencoder downsample factor (default: 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--text-length", type=_positive_int, default=77, help="text tokens per encoder (default: 77)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=_positive_int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+
+    p = sub.add_parser(
+        "train", help="train from a YAML config with --section.key value overrides",
+        description="Train from a YAML config. Any config key can be overridden: --optim.lr 3e-4 --train.steps 100. "
+        "Launch with torchrun --nproc_per_node N for DDP (train.distributed=fsdp for FSDP2).",
+    )
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--resume", default=None, help="'auto' (latest in output_dir) or a checkpoint directory")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("generate", help="generate images from prompts")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG (several images: a grid, or -NNN files)")
+    p.add_argument("-m", "--model", required=True, help="pipeline directory, training run directory or checkpoint")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image side (default: the model's training size)")
+    p.add_argument("--height", type=_positive_int, default=None)
+    p.add_argument("--width", type=_positive_int, default=None)
+    p.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="several images -> one grid")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights of a checkpoint instead of its EMA")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+
+    p = sub.add_parser("eval", help="ShapesEval (GenEval-style) on a model; FID on emoji when asked")
+    p.add_argument("-m", "--model", required=True, help="pipeline directory, training run directory or checkpoint")
+    p.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's training size")
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--images-per-prompt", type=_positive_int, default=4)
+    p.add_argument("--batch-size", type=_positive_int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="write the report as JSON here")
+    p.add_argument("--details", default=None, help="write per-image results as JSON here")
+    p.add_argument("--grid", default=None, help="write a labelled grid PNG (one image per prompt) here")
+    p.add_argument("--grid-size", type=_positive_int, default=32)
+    p.add_argument("--skip-shapes", action="store_true", help="skip ShapesEval")
+    p.add_argument("--fid", action="store_true", help="also compute FID on emoji (pocketdit.evaluate.fid)")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+
+    p = sub.add_parser("train-ae", help="train the project's TinyAutoencoder")
+    p.add_argument("--data", default="shapes", help="dataset name for pocketdit.data.build_dataset")
+    p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="dataset keyword argument")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--steps", type=_positive_int, default=2000)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--resolution", type=_positive_int, default=64)
+    p.add_argument("--preset", default="f4c4")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+    for name, help_text in (
+        ("quantize", "quantize a model (see `pocketdit quantize --help`)"),
+        ("export", "export to ExecuTorch / Core ML / ONNX (see `pocketdit export --help`)"),
+        ("bench", "benchmark latency and memory (see `pocketdit bench --help`)"),
+    ):
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+FORWARDED = ("quantize", "export", "bench")
+
+
+def _split_train_argv(tokens: Sequence[str]):
+    """`train [config] [--resume X] [--print-config] [--section.key value ...]` -> (args, override tokens).
+
+    Done by hand because argparse would take an override's value for the optional config positional.
+    """
+    args = argparse.Namespace(config=None, resume=None, print_config=False)
+    overrides: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--print-config":
+            args.print_config = True
+            i += 1
+        elif tok == "--resume" or tok.startswith("--resume="):
+            if "=" in tok:
+                args.resume = tok.split("=", 1)[1]
+                i += 1
+            elif i + 1 < len(tokens):
+                args.resume = tokens[i + 1]
+                i += 2
+            else:
+                raise ValueError("--resume needs a value: 'auto' or a checkpoint directory")
+        elif tok.startswith("--"):
+            if "=" in tok:
+                overrides.append(tok)
+                i += 1
+            elif i + 1 < len(tokens):
+                overrides += [tok, tokens[i + 1]]
+                i += 2
+            else:
+                raise ValueError(f"override {tok} has no value")
+        elif tok.startswith("-"):
+            raise ValueError(f"unrecognised option {tok!r}; config overrides look like --section.key value")
+        elif args.config is None:
+            args.config = tok
+            i += 1
+        else:
+            raise ValueError(f"unexpected argument {tok!r}: give one config file, then --section.key value overrides")
+    return args, overrides
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return _forward(argv[0], argv[1:])
+    parser = build_parser()
+    if argv and argv[0] == "train" and not any(a in ("-h", "--help") for a in argv[1:]):
+        try:
+            args, overrides = _split_train_argv(argv[1:])
+        except ValueError as e:
+            return _error(str(e))
+        return cmd_train(args, overrides)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "train-ae": cmd_train_ae}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
