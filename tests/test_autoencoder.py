@@ -299,3 +299,13 @@ def test_train_autoencoder_resizes_and_validates(tmp_path):
                           device="cpu", progress=False)
     with pytest.raises(ValueError, match="steps"):
         train_autoencoder(data, tmp_path / "d", steps=0, model_config=TINY_CFG, progress=False)
+
+
+def test_train_autoencoder_on_iterable_dataset(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from RectanglesDataset(n=6, size=16)  # shorter than one epoch of steps: the loader restarts
+
+    result = train_autoencoder(Stream(), tmp_path, steps=4, batch_size=4, resolution=16, model_config=TINY_CFG,
+                               stats_batches=1, device="cpu", progress=False)
+    assert len(result.losses) == 4 and (tmp_path / "reconstruction.png").is_file()
