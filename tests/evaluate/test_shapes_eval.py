@@ -173,3 +173,32 @@ def test_evaluate_generator_and_grid(tmp_path):
     assert grid.size[0] == 5 * (64 + 8) and grid.size[1] == 2 * (64 + 8 + 40)
     # the first tile is framed in green (passed)
     assert grid.getpixel((1, 1)) == (30, 160, 60)
+
+
+def _degrade(image, blur, noise, tint, seed):
+    """Blur, pixel noise and a warm background tint: roughly what a small generator's samples look like."""
+    from scipy import ndimage
+
+    array = np.asarray(image).astype(np.float32)
+    array = ndimage.gaussian_filter(array, sigma=(blur, blur, 0))
+    array += np.random.default_rng(seed).normal(0.0, noise * 127.5, array.shape)
+    array -= np.array([0.0, tint / 2, tint])  # white -> cream
+    return np.clip(array.round(), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("resolution, blur", [(32, 0.5), (64, 0.8)])
+def test_degraded_ground_truth_still_scores_high(resolution, blur):
+    images = [_degrade(render_prompt(p, resolution, seed=3), blur, 0.05, 20, seed=i) for i, p in enumerate(PROMPTS)]
+    result = evaluate(images, PROMPTS)
+    assert result["overall"] >= 0.98, [(r["prompt"], r["reason"]) for r in result["results"] if not r["passed"]]
+
+
+def test_colour_field_filling_the_image_is_not_an_object():
+    for colour in COLOURS.values():
+        field = np.empty((32, 32, 3), dtype=np.uint8)
+        field[:] = colour
+        assert detect_objects(field) == []
+    with pytest.raises(ValueError, match="min_iou"):
+        from pocketdit.evaluate.shapes_eval import ShapesEvalConfig
+
+        ShapesEvalConfig(min_iou=1.5)
