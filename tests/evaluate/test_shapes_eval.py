@@ -9,6 +9,7 @@ from pocketdit.evaluate.shapes_eval import (
     detect_objects,
     evaluate,
     evaluate_generator,
+    ground_truth_fn,
     load_prompts,
     render_prompt,
     save_grid,
@@ -40,6 +41,9 @@ def test_prompt_set_is_fixed_and_consistent():
         assert caption_for(p) == p["prompt"]  # the stored spec says exactly what the text says
     with pytest.raises(FileNotFoundError, match="v0"):
         load_prompts("v0")
+    mutated = load_prompts("v1")
+    mutated[0]["prompt"] = "changed"
+    assert load_prompts("v1")[0]["prompt"] == PROMPTS[0]["prompt"]  # callers get copies
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -156,6 +160,9 @@ def test_evaluate_generator_and_grid(tmp_path):
     assert result["num_images"] == {"counting": 24, "colors": 48}
     assert result["overall"] >= 0.98
     assert [r["seed"] for r in result["results"][:2]] == [0, 1]
+
+    position = evaluate_generator(ground_truth_fn(32), resolution=32, images_per_prompt=1, categories=["position"])
+    assert position["num_images"] == {"position": 24} and position["overall"] >= 0.98
 
     def blank(prompts, seeds):
         return torch.zeros(len(prompts), 3, 32, 32)

@@ -280,11 +280,16 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: flo
         draw.polygon(points, fill=fill)
 
 
-def render_scene(scene: dict, resolution: int, supersample: int = _SUPERSAMPLE) -> Image.Image:
+def render_scene(scene: dict, resolution: int, supersample: int | None = None) -> Image.Image:
     """Renders a scene to an RGB PIL image of ``resolution`` x ``resolution``: drawn at ``supersample``
-    times the size, then box-filtered down (exact area coverage, so edges keep the object's hue)."""
+    times the size, then box-filtered down (exact area coverage, so edges keep the object's hue).
+    ``supersample=None`` uses 4 up to 128 px and 2 above (edges are a smaller part of large images)."""
     if not isinstance(resolution, int) or resolution < _MIN_RESOLUTION:
         raise ValueError(f"resolution={resolution!r} must be an int >= {_MIN_RESOLUTION}")
+    if supersample is None:
+        supersample = _SUPERSAMPLE if resolution <= 128 else 2
+    if not isinstance(supersample, int) or supersample < 1:
+        raise ValueError(f"supersample={supersample!r} must be a positive int")
     big = resolution * supersample
     canvas = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(canvas)

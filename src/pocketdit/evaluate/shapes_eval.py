@@ -21,6 +21,7 @@ six category accuracies, as in GenEval. The prompt set is fixed and versioned
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -53,6 +54,7 @@ __all__ = [
     "detect_objects",
     "evaluate",
     "evaluate_generator",
+    "ground_truth_fn",
     "load_prompts",
     "relative_position",
     "render_prompt",
@@ -109,20 +111,29 @@ class Detection:
 
 def load_prompts(version: str = DEFAULT_VERSION) -> list[dict]:
     """The fixed prompt set ``version``: a list of ``{"id", "prompt", "category", "objects": [{"shape",
-    "colour" (or None), "count"}], "relation" (or None)}``, in file order."""
+    "colour" (or None), "count"}], "relation" (or None)}``, in file order (a fresh copy on every call)."""
+    return copy.deepcopy(_read_prompt_file(version))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_prompt_file(version: str) -> list[dict]:
     name = f"shapes_{version}.json"
+    folder = resources.files("pocketdit.evaluate").joinpath("prompts")
     try:
-        text = resources.files("pocketdit.evaluate").joinpath("prompts", name).read_text(encoding="utf-8")
+        text = folder.joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError:
-        folder = resources.files("pocketdit.evaluate").joinpath("prompts")
         available = sorted(p.name for p in folder.iterdir() if p.name.startswith("shapes_"))
         raise FileNotFoundError(
             f"ShapesEval prompt set version={version!r} not found ({name}); available: {available}"
         ) from None
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+        prompts = data["prompts"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"ShapesEval prompt file {name} is corrupt: {error}") from error
     if data.get("version") != version:
         raise ValueError(f"{name} declares version {data.get('version')!r}, expected {version!r}")
-    return data["prompts"]
+    return prompts
 
 
 def _as_prompt(prompt: dict | str, by_text: dict[str, dict] | None = None) -> dict:
@@ -132,7 +143,7 @@ def _as_prompt(prompt: dict | str, by_text: dict[str, dict] | None = None) -> di
                 raise ValueError(f"prompt dict is missing key {key!r}: {prompt!r}")
         return prompt
     if by_text is None:
-        by_text = {p["prompt"]: p for p in load_prompts()}
+        by_text = {p["prompt"]: p for p in _read_prompt_file(DEFAULT_VERSION)}
     if prompt not in by_text:
         raise ValueError(
             f"prompt {prompt!r} is not in the ShapesEval {DEFAULT_VERSION} prompt set; pass the prompt dict "
@@ -147,6 +158,17 @@ def render_prompt(prompt: dict, resolution: int, seed: int = 0) -> Image.Image:
     prompt = _as_prompt(prompt)
     rng = np.random.default_rng([seed, zlib.crc32(prompt["prompt"].encode("utf-8"))])
     return render_scene(layout_scene(rng, prompt), resolution)
+
+
+def ground_truth_fn(resolution: int) -> Callable[[list[str], list[int]], list[Image.Image]]:
+    """A ``generate_fn`` for ``evaluate_generator`` that returns ground-truth renders (the score's ceiling,
+    for reference rows in tables)."""
+    by_text = {p["prompt"]: p for p in _read_prompt_file(DEFAULT_VERSION)}
+
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        return [render_prompt(_as_prompt(p, by_text), resolution, seed=s) for p, s in zip(prompts, seeds)]
+
+    return generate
 
 
 # ---------------------------------------------------------------------------------------------- detector
@@ -400,7 +422,7 @@ def evaluate(
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one prompt per image")
     by_text = None
     if any(isinstance(p, str) for p in prompts):
-        by_text = {p["prompt"]: p for p in load_prompts()}
+        by_text = {p["prompt"]: p for p in _read_prompt_file(DEFAULT_VERSION)}
     results = []
     for image, prompt in tqdm(list(zip(images, prompts)), desc="ShapesEval", disable=not progress):
         prompt = _as_prompt(prompt, by_text)
