@@ -41,7 +41,6 @@ from pocketdit.data.shapes import (
     CATEGORIES,
     COLOURS,
     SHAPES,
-    caption_for,
     layout_scene,
     render_scene,
     shape_outline,
@@ -227,7 +226,8 @@ def _unit_moments(shape: str) -> tuple[float, float, float, float]:
     ys, xs = (np.mgrid[0:n, 0:n] + 0.5) / n - 0.5
     mass = mask.sum()
     mx, my = (mask * xs).sum() / mass, (mask * ys).sum() / mass
-    return float(mx), float(my), float((mask * (xs - mx) ** 2).sum() / mass), float((mask * (ys - my) ** 2).sum() / mass)
+    var_x, var_y = (mask * (xs - mx) ** 2).sum() / mass, (mask * (ys - my) ** 2).sum() / mass
+    return float(mx), float(my), float(var_x), float(var_y)
 
 
 def _draw_outline(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, w: float, h: float) -> None:
