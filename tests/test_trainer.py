@@ -245,7 +245,7 @@ def test_two_process_training(tmp_path, strategy):
     assert result["steps"] == [1, 2, 3, 4]
     assert all(v == v and v < 10 for v in result["losses"])  # finite
     # rank 0 and rank 1 ended with the same full weights, and they are what the checkpoint holds
-    ckpt_model = load_checkpoint_weights(tmp_path / "run", ema=False)
+    ckpt_model = load_checkpoint_weights(tmp_path / "run" / "checkpoint-0000004", ema=False)
     total = sum(p.double().sum().item() for p in ckpt_model.parameters())
     assert result["param_sums"][0] == pytest.approx(total, rel=1e-9)
     assert result["param_sums"][1] == pytest.approx(total, rel=1e-9)
