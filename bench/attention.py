@@ -119,7 +119,8 @@ def natten_runner(p: Problem):
     return run, f"NATTEN {natten.__version__} na2d kernel {kernel[0]}x{kernel[1]}, {backend}, kv heads repeated"
 
 
-def run_config(p: Problem, mode: str, device, budget_s: float, include_reference: bool, include_natten: bool):
+def run_config(p: Problem, mode: str, device, budget_s: float, include_reference: bool, include_natten: bool,
+               min_repeats: int = 3):
     grad = mode == "fwd+bwd"
     fwd_backends = ["strided"]
     if torch.device(device).type == "cuda" and backends.flex_available():
@@ -156,7 +157,7 @@ def run_config(p: Problem, mode: str, device, budget_s: float, include_reference
         return out
 
     calls = {name: (lambda fn=fn: step(fn)) for name, (_, fn) in methods.items()}
-    timings = interleaved_timings(calls, device=device, budget_s=budget_s)
+    timings = interleaved_timings(calls, device=device, budget_s=budget_s, min_repeats=min_repeats)
     dense_ms = timings["dense"].median_ms
     dense_flops = score_flops(p.batch, p.heads, p.tokens, p.keys_per_query("dense"), p.head_dim)
     factor = 3 if grad else 1
@@ -204,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--max-work", type=float, default=4096 * 4096 * 4 * 3,
                     help="skip configurations whose batch*tokens^2*(3 if fwd+bwd) exceeds this (CPU time guard)")
     ap.add_argument("--no-reference", action="store_true", help="leave out the reference backend")
+    ap.add_argument("--reference-max-tokens", type=int, default=4096, help="reference backend only up to this size, batch 1")
+    ap.add_argument("--min-repeats", type=int, default=3)
     ap.add_argument("--no-natten", action="store_true")
     ap.add_argument("--natten-max-tokens", type=int, default=1024, help="uncompiled NATTEN on CPU is slow")
     ap.add_argument("--section", default="attention")
@@ -227,7 +230,8 @@ def main(argv=None):
                             args.device, dtype, grad=mode == "fwd+bwd")
                 use_natten = not args.no_natten and tokens <= args.natten_max_tokens and batch == 1
                 t0 = time.time()
-                rows, notes = run_config(p, mode, args.device, args.budget, not args.no_reference, use_natten)
+                use_ref = not args.no_reference and tokens <= args.reference_max_tokens and batch == 1
+                rows, notes = run_config(p, mode, args.device, args.budget, use_ref, use_natten, args.min_repeats)
                 peer_notes.update(notes)
                 title = f"#### {tokens} tokens ({p.side}x{p.side}), batch {batch}, {mode}"
                 parts.append(f"{title}\n\n{table(rows)}")

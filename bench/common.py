@@ -71,6 +71,7 @@ def interleaved_timings(
     device="cpu",
     budget_s: float = 60.0,
     max_repeats: int = 7,
+    min_repeats: int = 1,
 ) -> dict[str, Timing]:
     """Time every function round-robin; `repeats=None` picks as many rounds as fit `budget_s` (>= 1).
 
@@ -87,7 +88,7 @@ def interleaved_timings(
             warm_s += time.perf_counter() - start
     if repeats is None:
         per_round = warm_s / max(warmup, 1)
-        repeats = max(1, min(max_repeats, int(budget_s / max(per_round, 1e-9))))
+        repeats = max(min_repeats, min(max_repeats, int(budget_s / max(per_round, 1e-9))))
     out = {name: Timing() for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

@@ -190,7 +190,7 @@ def measure_group(names, all_specs, resolution, args, device, dtype):
         rows[name]["peak_act"] = mode.peak
         rows[name]["weights"] = sum(p.numel() * p.element_size() for p in models[name].parameters())
     per_round = sum(r["warmup_s"] for r in rows.values())
-    repeats = args.repeats or max(args.min_repeats, min(args.max_repeats, int(args.budget / per_round)))
+    repeats = args.repeats_now or max(args.min_repeats, min(args.max_repeats, int(args.budget / per_round)))
     if per_round * repeats > args.max_group_seconds:
         repeats = max(1, int(args.max_group_seconds / per_round))
     timings = interleaved_timings(steps, repeats=repeats, warmup=0, device=device)
@@ -235,6 +235,9 @@ def main(argv=None):
     ap.add_argument("--max-repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds per group")
     ap.add_argument("--max-group-seconds", type=float, default=400.0, help="hard cap on one group's timed rounds")
+    ap.add_argument("--big-resolution", type=int, default=1024, help="from this size on, run only --big-models ...")
+    ap.add_argument("--big-models", nargs="+", default=None, help="... (default: all --models)")
+    ap.add_argument("--big-repeats", type=int, default=None, help="... with this many timed rounds")
     ap.add_argument("--section", default="denoiser")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -248,8 +251,14 @@ def main(argv=None):
     started, load_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average()
     pair = ["PocketDiT small", "PocketDiT small, dense"]
     results, sections = {}, []
-    plan = [(res, args.models) for res in args.resolutions] + [(res, pair) for res in args.ablation_resolutions]
+    big = [m for m in (args.big_models or args.models) if m in args.models]
+    plan = [(res, args.models if res < args.big_resolution else big) for res in args.resolutions]
+    plan += [(res, pair) for res in args.ablation_resolutions]
+    not_run = [f"{m} at {res}²" for res in args.resolutions if res >= args.big_resolution for m in args.models if m not in big]
+    if 2048 not in args.ablation_resolutions:
+        not_run.append("PocketDiT small vs small-dense at 2048²")
     for res, names in plan:
+        args.repeats_now = args.big_repeats if (res >= args.big_resolution and args.big_repeats) else args.repeats
         rows = []
         # small and its dense ablation are timed interleaved (their ratio is a target); the rest one by one
         groups = [[n for n in names if n in pair]] + [[n] for n in names if n not in pair]
@@ -300,6 +309,10 @@ def main(argv=None):
         "other jobs: absolute times are noisy; small vs small-dense are interleaved in one group)",
         "- peak activations: bytes of tensors created during one step (weights excluded), tracked per op",
         f"- command: `{command_line()}`",
+        f"- timed rounds: {args.repeats or f'{args.min_repeats}-{args.max_repeats} (budget {args.budget:.0f} s per group)'}"
+        + (f"; {args.big_repeats} at {args.big_resolution}² and above" if args.big_repeats else "")
+        + "; one untimed warm-up call per model first",
+        *( [f"- not run (CPU time): {', '.join(not_run)}"] if not_run else [] ),
         "- configs: " + "; ".join(f"{s.name}: `{s.config}`" for s in all_specs.values() if s.name in args.models),
     ]
     markdown = "\n".join(header + ["", "#### PocketDiT small: ASSA vs dense attention", "", "\n".join(ablation), ""]
