@@ -327,7 +327,8 @@ def layer_sensitivity(
     """Per layer: MSE between its output with the palettized weight and with its own weight (paper Supp. C).
 
     Each layer is measured alone on the inputs it sees in the unquantized model. "relative_mse" divides by
-    the mean square of the unquantized output so layers of different scale compare fairly.
+    the mean square of the unquantized output so layers of different scale compare fairly. A layer whose
+    forward is never called (its weight used directly) is scored by the error of its weight instead.
     """
     layers = {n: m for n, m in palettizable_layers(model).items() if n in palettes}
     inputs = _capture_inputs(model, layers, calibration)
@@ -343,7 +344,10 @@ def layer_sensitivity(
             ref_sq += ref.double().pow(2).sum().item()
             count += ref.numel()
         if count == 0:
-            raise RuntimeError(f"layer {name} received no input during calibration; is it used in forward()?")
+            # The module's weight is used but not its forward (e.g. KV compression applies its conv weights
+            # as a weighted sum): fall back to the weight-space error, the output error under white inputs.
+            diff = (wq - module.weight).double()
+            err, ref_sq, count = diff.pow(2).sum().item(), module.weight.double().pow(2).sum().item(), diff.numel()
         out[name] = err / max(ref_sq, 1e-30) if metric == "relative_mse" else err / count
     return out
 

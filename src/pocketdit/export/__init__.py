@@ -1,0 +1,338 @@
+"""Export PocketDiT to on-device runtimes as separate static-shape graphs, each checked against eager PyTorch.
+
+    from pocketdit.export import ExportConfig, export_pipeline
+    result = export_pipeline(parts, "out/", ExportConfig(format="executorch", resolution=256))
+
+Graphs (see `graphs.py`): text_encoder (token ids -> states), denoiser (one width, one step), decoder.
+Formats: "executorch" (.pte, XNNPACK delegate; runs here through the ExecuTorch runtime), "onnx" (runs
+through onnxruntime), "coreml" (.mlpackage; converts here, runs only on macOS). Every export checks each
+graph on fresh random inputs and a whole `num_steps` generation against eager PyTorch and raises
+`ParityError` with the PSNR when it is below `min_psnr`. A manifest `export.json` records shapes, files,
+sizes and parity numbers; `pocketdit bench runtime` reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .graphs import DecoderGraph, DenoiserGraph, GraphSpec, TextEncoderGraph, decoder_spec, denoiser_spec, text_encoder_spec
+from .parity import DEFAULT_MIN_PSNR, ParityError, ParityResult, check_generation, check_graph
+
+__all__ = [
+    "FORMATS",
+    "ExportConfig",
+    "ExportResult",
+    "DeploymentParts",
+    "load_parts",
+    "export_pipeline",
+    "export_graph",
+    "load_runner",
+    "ParityError",
+    "GraphSpec",
+    "DenoiserGraph",
+    "TextEncoderGraph",
+    "DecoderGraph",
+]
+
+FORMATS = ("executorch", "coreml", "onnx")
+SUFFIXES = {"executorch": ".pte", "coreml": ".mlpackage", "onnx": ".onnx"}
+MANIFEST = "export.json"
+
+
+@dataclass
+class ExportConfig:
+    """What to export.
+
+    format: "executorch", "coreml" or "onnx". resolution: image side in pixels (the latent side is
+    resolution / the autoencoder's downsample factor). width: elastic sub-network width (None = the
+    checkpoint's own). quantize: apply this scheme ("palettize4", "int8", "8da4w") before exporting, unless
+    the checkpoint is already quantized. num_steps/shift: the generation checked end to end.
+    """
+
+    format: str = "executorch"
+    resolution: int = 256
+    width: Optional[int] = None
+    quantize: Optional[str] = None
+    batch_size: int = 1
+    num_steps: int = 4
+    shift: Optional[float] = None
+    min_psnr: float = DEFAULT_MIN_PSNR
+    text_length: int = 16  # text tokens of the denoiser graph when there is no text encoder to export
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        from ..quantize import SCHEMES
+
+        if self.quantize is not None and self.quantize not in SCHEMES:
+            raise ValueError(f"quantize must be one of {sorted(SCHEMES)} or None, got {self.quantize!r}")
+        for key in ("resolution", "batch_size", "num_steps", "text_length"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+
+
+@dataclass
+class DeploymentParts:
+    """The eager pieces of a pipeline: transformer, optional text conditioner and autoencoder, sampling shift."""
+
+    transformer: torch.nn.Module
+    text_conditioner: Optional[object] = None
+    autoencoder: Optional[object] = None
+    shift: float = 1.0
+    source: str = ""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: dict = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading what to export
+# ----------------------------------------------------------------------------------------------------
+def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None, autoencoder: Optional[str] = None) -> DeploymentParts:
+    """Transformer (plain or quantized), text conditioner and autoencoder from a checkpoint path.
+
+    `path` may be a pipeline directory (pipeline.json + transformer/), a training run or checkpoint
+    directory, or a bare PocketDiT / quantized PocketDiT directory. `text_encoder` / `autoencoder` specs
+    ("minilm" / "pixel" / a local directory; "none" to leave out) override what the checkpoint records.
+    """
+    from ..quantize import load_denoiser
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist; pass a pipeline, training run or PocketDiT directory")
+    text = ae = None
+    shift = 1.0
+    if (p / "pipeline.json").is_file():
+        meta = json.loads((p / "pipeline.json").read_text())
+        transformer = load_denoiser(p / "transformer")
+        text_encoder = text_encoder or ",".join(meta["text_encoders"])
+        if autoencoder is None:
+            spec = meta["autoencoder"]
+            autoencoder = str(p / spec[2:]) if spec.startswith("./") else spec
+        shift = float(meta.get("default_shift", 1.0))
+        text_lengths = meta.get("text_max_lengths")
+    elif (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file():
+        transformer = load_denoiser(p)
+        text_lengths = None
+    else:
+        from ..pipeline import PocketDiTPipeline
+
+        pipe = PocketDiTPipeline.from_pretrained(p)
+        transformer = pipe.transformer.eval()
+        text = None if text_encoder == "none" else pipe.text_conditioner
+        ae = None if autoencoder == "none" else pipe.autoencoder
+        return DeploymentParts(transformer, text, ae, pipe.default_shift, str(p))
+    if text_encoder and text_encoder != "none":
+        from ..text import build_text_conditioner
+
+        specs = text_encoder.split(",")
+        text = build_text_conditioner(specs, dropout_probs=0.0, max_lengths=text_lengths)
+    if autoencoder and autoencoder != "none":
+        from ..autoencoder import load_autoencoder
+
+        ae = load_autoencoder(autoencoder)
+    return DeploymentParts(transformer.eval(), text, ae, shift, str(p))
+
+
+def _select_width(model, width: Optional[int]):
+    if width is None or width == model.config.hidden_size:
+        return model
+    try:
+        from ..elastic import materialize
+    except ImportError as e:
+        raise ValueError(
+            f"--width {width} differs from the checkpoint's hidden_size {model.config.hidden_size}, and elastic "
+            "sub-networks need pocketdit.elastic, which is not available"
+        ) from e
+    return materialize(model, width).eval()
+
+
+def _apply_quantization(model, scheme: Optional[str], fmt: str, calibration=None, progress: bool = True):
+    from ..quantize import config_for_scheme, quantize_, random_calibration
+
+    existing = getattr(model, "_pocketdit_quantization", None)
+    if existing is not None:
+        if scheme is not None and scheme != existing["scheme"]:
+            raise ValueError(f"the checkpoint is already quantized with {existing['scheme']!r}; cannot also apply {scheme!r}")
+        scheme = existing["scheme"]
+    if scheme is not None:
+        unsupported = {("executorch", "int8"), ("onnx", "8da4w"), ("coreml", "8da4w")}
+        if (fmt, scheme) in unsupported:
+            hint = {"executorch": "8da4w or palettize4", "onnx": "int8 or palettize4", "coreml": "palettize4 or int8"}[fmt]
+            raise ValueError(f"scheme {scheme!r} has no {fmt} lowering here; use --quantize {hint}")
+    if existing is None and scheme is not None:
+        model = copy.deepcopy(model)
+        cfg = config_for_scheme(scheme)
+        if scheme == "palettize4":
+            quantize_(model, cfg, calibration=calibration or random_calibration(model), progress=progress)
+        elif not (fmt == "onnx" and scheme == "int8"):
+            quantize_(model, cfg)  # onnx int8 is done by onnxruntime on the float graph instead
+    return model, scheme
+
+
+# ----------------------------------------------------------------------------------------------------
+# One graph
+# ----------------------------------------------------------------------------------------------------
+def export_graph(spec: GraphSpec, fmt: str, path: Path, scheme: Optional[str] = None) -> Path:
+    """Write one graph in `fmt`; palettized Core ML models keep their LUTs, ONNX int8 goes through ORT."""
+    if fmt == "executorch":
+        from .executorch import export_executorch
+
+        return export_executorch(spec, path)
+    if fmt == "onnx":
+        from .onnx import export_onnx, quantize_onnx_int8
+
+        export_onnx(spec, path)
+        if scheme == "int8" and spec.name == "denoiser":
+            quantize_onnx_int8(path)
+        return path
+    from .coreml import export_coreml
+
+    compression = {"palettize4": "palettize", "int8": "int8"}.get(scheme) if spec.name == "denoiser" else None
+    return export_coreml(spec, path, weight_compression=compression)
+
+
+def load_runner(fmt: str, path: Union[str, os.PathLike], spec: Optional[GraphSpec] = None, threads: Optional[int] = None):
+    """A callable running one exported graph. Core ML off macOS: the torch.export program it was made from."""
+    if fmt == "executorch":
+        from .executorch import ExecuTorchRunner
+
+        return ExecuTorchRunner(path)
+    if fmt == "onnx":
+        from .onnx import OnnxRunner
+
+        return OnnxRunner(path, threads=threads)
+    from .coreml import CoreMLRunner, can_run_coreml
+
+    if can_run_coreml():
+        return CoreMLRunner(path, spec.input_names, spec.output_names[0])
+    if spec is None:
+        raise RuntimeError("Core ML models cannot run on this OS")
+    with torch.no_grad():
+        program = torch.export.export(spec.module, spec.example_inputs, strict=False).run_decompositions()
+    return program.module()
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def _io(spec: GraphSpec) -> dict:
+    return {
+        "inputs": [{"name": n, "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for n, x in zip(spec.input_names, spec.example_inputs)],
+        "outputs": list(spec.output_names),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole pipeline
+# ----------------------------------------------------------------------------------------------------
+def build_specs(parts: DeploymentParts, config: ExportConfig, model=None) -> dict[str, GraphSpec]:
+    model = model if model is not None else parts.transformer
+    ae = parts.autoencoder
+    factor = getattr(ae, "downsample_factor", 1) if ae is not None else 1
+    if config.resolution % factor:
+        raise ValueError(f"resolution {config.resolution} is not a multiple of the autoencoder's downsample factor {factor}")
+    latent = config.resolution // factor
+    model.check_latent_size(latent, latent)
+    specs = {}
+    encoders = list(getattr(parts.text_conditioner, "encoders", [])) if parts.text_conditioner is not None else []
+    if len(encoders) > 1:
+        raise ValueError("exporting more than one text encoder is not supported yet; pass --text-encoder none to export the denoiser alone")
+    if encoders:
+        specs["text_encoder"] = text_encoder_spec(encoders[0], config.batch_size, config.seed)
+        lengths = [encoders[0].max_length]
+    else:
+        lengths = [config.text_length] * len(model.config.text_embed_dims)
+    specs["denoiser"] = denoiser_spec(model, latent, config.batch_size, lengths, config.seed)
+    is_pixel = ae is None or getattr(ae, "name", "") == "pixel"
+    if not is_pixel:
+        specs["decoder"] = decoder_spec(ae, latent, config.batch_size, config.seed)
+    return specs
+
+
+def export_pipeline(parts: DeploymentParts, out_dir: Union[str, os.PathLike], config: ExportConfig, progress: bool = True) -> ExportResult:
+    """Export every graph, check each and a whole generation against eager PyTorch, write export.json."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _select_width(parts.transformer.eval(), config.width)
+    model, scheme = _apply_quantization(model, config.quantize, config.format, progress=progress)
+    specs = build_specs(parts, config, model)
+    result = ExportResult(out)
+    runners = {}
+    runtime = {"executorch": "executorch", "onnx": "onnxruntime", "coreml": "coreml"}[config.format]
+    parity_runtime = runtime
+    from .coreml import can_run_coreml
+
+    if config.format == "coreml" and not can_run_coreml():
+        parity_runtime = "torch.export program (Core ML cannot run off macOS)"
+    manifest_graphs = {}
+    for name, spec in tqdm(specs.items(), desc=f"export {config.format}", disable=not progress):
+        path = out / f"{name}{SUFFIXES[config.format]}"
+        t0 = time.perf_counter()
+        export_graph(spec, config.format, path, scheme)
+        seconds = time.perf_counter() - t0
+        runner = load_runner(config.format, path, spec)
+        runners[name] = runner
+        # ONNX int8 is quantized by onnxruntime after export, so its reference is the float graph and the
+        # threshold is that of a quantized model (reported, checked against the palettization target).
+        min_psnr = config.min_psnr if not (scheme == "int8" and config.format == "onnx" and name == "denoiser") else 30.0
+        par = check_graph(spec, runner, parity_runtime, min_psnr, seed=config.seed + 1)
+        result.files[name] = path
+        result.sizes[name] = _size(path)
+        result.parity[name] = par
+        manifest_graphs[name] = {"file": path.name, "bytes": result.sizes[name], "export_seconds": round(seconds, 2), **_io(spec), "parity": par.as_dict()}
+
+    g = torch.Generator().manual_seed(config.seed + 7)
+    den = specs["denoiser"]
+    inputs = {"noise": torch.randn(den.example_inputs[0].shape, generator=g)}
+    if "text_encoder" in specs:
+        from .graphs import fresh_inputs
+
+        inputs["input_ids"], inputs["attention_mask"] = fresh_inputs(specs["text_encoder"], config.seed + 8)
+    else:
+        k = len(model.config.text_embed_dims)
+        ex = fresh_inputs(den, config.seed + 8)
+        inputs["text_states"], inputs["text_masks"] = list(ex[2 : 2 + k]), list(ex[2 + k :])
+    eager = {n: s.module for n, s in specs.items()}
+    shift = parts.shift if config.shift is None else config.shift
+    min_img = config.min_psnr if not (scheme == "int8" and config.format == "onnx") else 30.0
+    gen = check_generation(eager, runners, inputs, parity_runtime, config.num_steps, shift, min_img)
+    result.parity["image"] = gen
+    quant = getattr(model, "_pocketdit_quantization", None)
+    result.manifest = {
+        "format": config.format,
+        "source": parts.source,
+        "config": asdict(config),
+        "quantization": None if scheme is None else {"scheme": scheme, **({"average_bits": quant["report"]["average_bits"]} if quant and "report" in quant else {})},
+        "hidden_size": model.config.hidden_size,
+        "latent_shape": list(den.example_inputs[0].shape),
+        "num_steps": config.num_steps,
+        "shift": shift,
+        "text_encoder": None if parts.text_conditioner is None else list(getattr(parts.text_conditioner, "names", ())),
+        "autoencoder": None if parts.autoencoder is None else getattr(parts.autoencoder, "name", type(parts.autoencoder).__name__),
+        "parity_runtime": parity_runtime,
+        "graphs": manifest_graphs,
+        "image_parity": gen.as_dict(),
+    }
+    (out / MANIFEST).write_text(json.dumps(result.manifest, indent=2) + "\n")
+    return result
