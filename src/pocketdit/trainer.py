@@ -854,8 +854,23 @@ def load_pretrained_transformer(path):
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
-    from .data import build_dataset
-    from .methods import build_method
+    import inspect
+
+    from .methods import build_method, get_method, method_options
+
+    # Cheap checks first: a typo in the method should not cost loading text encoders.
+    method_cls = get_method(cfg.method.name)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(method_cls.__init__).parameters.values())
+    bad = sorted(set(cfg.method.options) - set(method_options(cfg.method.name)))
+    if bad and not accepts_any:
+        raise ValueError(
+            f"unknown option(s) {['method.' + k for k in bad]} for training method {cfg.method.name!r}; valid options: "
+            f"{['method.' + k for k in method_options(cfg.method.name)]}"
+        )
+    try:
+        from .data import build_dataset
+    except ImportError as e:
+        raise ValueError(f"pocketdit.data.build_dataset is not available in this installation ({e})") from e
 
     model, text, ae = build_components(cfg)
     data_kwargs = dict(cfg.data.options)
