@@ -215,6 +215,16 @@ def test_method_registry_rejects_unknown_names_and_options():
         build_method("pretrain", model=model, text_conditioner=FakeText(), autoencoder=PixelSpace(), logit_sd=1.0)
 
 
+def test_gradient_checkpointing_gives_the_same_losses_and_bf16_runs(tmp_path):
+    _, plain = run(tmp_path / "a", 3)
+    trainer, ckpt = run(tmp_path / "b", 3, "--train.gradient_checkpointing", "true")
+    assert trainer.model.gradient_checkpointing
+    assert all(abs(ckpt[k] - plain[k]) < 1e-5 for k in plain)
+    trainer, bf16 = run(tmp_path / "c", 3, "--train.mixed_precision", "bf16")
+    assert trainer.mixed_precision == "bf16"
+    assert all(abs(bf16[k] - plain[k]) < 0.05 * plain[k] for k in plain)  # same maths, bf16 rounding
+
+
 def test_text_cache_gives_identical_losses(tmp_path):
     _, plain = run(tmp_path / "a", 4, method=make_method())
     _, cached = run(tmp_path / "b", 4, method=make_method(text_cache_size=3))
