@@ -66,7 +66,7 @@ __all__ = [
 DEFAULT_VERSION = "v1"
 POSITION_THRESHOLD = 0.1  # GenEval's: offsets shrink by this fraction of the two boxes' summed size
 _TEMPLATE_SUPERSAMPLE = 8
-_BLURS = (0.0, 0.5, 0.9, 1.3)  # candidate Gaussian blurs (px) of the shape templates
+_MAX_BLUR = 2.0  # largest Gaussian blur (px) the shape templates are fitted with
 
 
 @dataclass(frozen=True)
@@ -241,16 +241,20 @@ def _template(shape: str, cx: float, cy: float, w: float, h: float, window: tupl
     """Pixel coverage of ``shape`` with box centre (cx, cy) and size (w, h), in pixels, over the window
     (y0, x0, height, width), blurred by a Gaussian of ``blur`` px (generated images are rarely crisp)."""
     y0, x0, height, width = window
-    canvas = Image.new("L", (width * _TEMPLATE_SUPERSAMPLE, height * _TEMPLATE_SUPERSAMPLE), 0)
-    s = _TEMPLATE_SUPERSAMPLE
+    # enough sub-pixels for smooth edges on small objects, without drawing huge canvases for big ones
+    s = max(2, min(_TEMPLATE_SUPERSAMPLE, 96 // max(height, width)))
+    canvas = Image.new("L", (width * s, height * s), 0)
     _draw_outline(ImageDraw.Draw(canvas), shape, (cx - x0) * s, (cy - y0) * s, w * s, h * s)
     coverage = np.asarray(canvas.resize((width, height), Image.BOX), dtype=np.float32) / 255.0
     return ndimage.gaussian_filter(coverage, blur, mode="constant") if blur > 0 else coverage
 
 
 def _fit_shape(soft: np.ndarray, y0: int, x0: int) -> tuple[str | None, float, tuple[float, float, float, float]]:
-    """Best (shape, soft IoU, (cx, cy, w, h)) for a soft mask whose top-left pixel is (y0, x0). Each
-    shape's box is fitted from the mask's first and second moments, for each candidate blur."""
+    """Best (shape, soft IoU, (cx, cy, w, h)) for a soft mask whose top-left pixel is (y0, x0).
+
+    For a shape and a blur sigma, the box follows from the mask's moments (blur adds sigma**2 to each
+    variance). Sigma is searched on a 0.2 px grid up to ``_MAX_BLUR`` and then refined by 0.1 px: a wrong
+    sigma turns a blurred diamond into a better-matching circle, so the search has to be fine."""
     height, width = soft.shape
     mass = float(soft.sum())
     ys, xs = np.mgrid[y0 : y0 + height, x0 : x0 + width] + 0.5
@@ -260,15 +264,24 @@ def _fit_shape(soft: np.ndarray, y0: int, x0: int) -> tuple[str | None, float, t
     best: tuple[str | None, float, tuple[float, float, float, float]] = (None, 0.0, (0.0, 0.0, 0.0, 0.0))
     for shape in SHAPES:
         mx, my, vx, vy = _unit_moments(shape)
-        for blur in _BLURS:
-            if var_x <= blur**2 or var_y <= blur**2:
-                continue
+
+        def score(blur: float) -> tuple[float, tuple[float, float, float, float]]:
+            if blur < 0 or var_x <= blur**2 or var_y <= blur**2:
+                return -1.0, (0.0, 0.0, 0.0, 0.0)
             w, h = math.sqrt((var_x - blur**2) / vx), math.sqrt((var_y - blur**2) / vy)
             cx, cy = mean_x - mx * w, mean_y - my * h
             template = _template(shape, cx, cy, w, h, (y0, x0, height, width), blur)
             iou = float(np.minimum(soft, template).sum() / max(float(np.maximum(soft, template).sum()), 1e-6))
-            if iou > best[1]:
-                best = (shape, iou, (cx, cy, w, h))
+            return iou, (cx, cy, w, h)
+
+        grid = [0.2 * i for i in range(int(round(_MAX_BLUR / 0.2)) + 1)]
+        scored = {blur: score(blur) for blur in grid}
+        coarse = max(scored, key=lambda b: scored[b][0])
+        for blur in (coarse - 0.1, coarse + 0.1):
+            scored[blur] = score(blur)
+        iou, box = max(scored.values(), key=lambda item: item[0])
+        if iou > best[1]:
+            best = (shape, iou, box)
     return best
 
 
