@@ -314,7 +314,7 @@ def detect_objects(image: Any, config: ShapesEvalConfig | None = None) -> list[D
         labels, count = ndimage.label(of_colour & (coverage >= 0.5), structure=eight_connected)
         if count == 0:
             continue
-        # cheap pre-filter: noise gives thousands of specks, objects have at least ~min_side**2 / 2 pixels
+        # cheap pre-filter: noise gives thousands of specks; an object has at least ~0.4 * min_side**2 pixels
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         faint = of_colour & (coverage >= config.min_coverage)
         for label, slices in enumerate(ndimage.find_objects(labels), start=1):
@@ -326,8 +326,11 @@ def detect_objects(image: Any, config: ShapesEvalConfig | None = None) -> list[D
                 continue
             y0, y1 = max(rows.start - 3, 0), min(rows.stop + 3, height)
             x0, x1 = max(cols.start - 3, 0), min(cols.stop + 3, width)
-            core = labels[y0:y1, x0:x1] == label
+            window_labels = labels[y0:y1, x0:x1]
+            core = window_labels == label
+            # grow into this colour's faint edge pixels, but never into a neighbouring object's core
             region = ndimage.binary_dilation(core, eight_connected, iterations=2) & faint[y0:y1, x0:x1]
+            region &= (window_labels == 0) | core
             soft = np.where(region, coverage[y0:y1, x0:x1], 0.0).astype(np.float32)
             shape, iou, (cx, cy, w, h) = _fit_shape(soft, y0, x0)
             if shape is None or iou < config.min_iou:
