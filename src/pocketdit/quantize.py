@@ -195,26 +195,38 @@ def _quiet_coremltools():
 
 
 def palettize_weight(
-    weight: torch.Tensor, nbits: int, granularity: str = "per_tensor", group_size: Optional[int] = None
+    weight: torch.Tensor,
+    nbits: int,
+    granularity: str = "per_tensor",
+    group_size: Optional[int] = None,
 ) -> PalettizedWeight:
-    """k-means palettize one weight with coremltools' post-training palettizer; LUT rounded to fp16.
+    """k-means palettize one weight with coremltools' post-training palettizer; the LUT is rounded to fp16.
 
-    The LUT is rounded to fp16 here (the precision Core ML stores it in), so the eager model, the saved
-    file and every exported graph use exactly the same weights.
+    The LUT is rounded to fp16 (the precision Core ML stores it in) before indices are assigned, so the
+    eager model, the saved file and every exported graph use exactly the same weights.
     """
     k = 2**nbits
     w = weight.detach().float().cpu()
-    groups = 1 if granularity == "per_tensor" else w.shape[0] // group_size
     if granularity != "per_tensor" and w.shape[0] % group_size:
         raise ValueError(f"group_size={group_size} does not divide the {w.shape[0]} output channels")
-    if w.numel() // groups <= k:
+    groups = 1 if granularity == "per_tensor" else w.shape[0] // group_size
+    flat = w.reshape(groups, -1)
+    index_dtype = torch.uint8 if nbits <= 8 else torch.int32
+    if flat.shape[1] <= k:
         # No more weights than LUT entries: the weights are their own palette (lossless).
-        flat = w.reshape(groups, -1)
         lut = torch.zeros(groups, k)
         lut[:, : flat.shape[1]] = flat.half().float()
         idx = torch.arange(flat.shape[1]).expand(groups, -1).reshape(w.shape)
-        return PalettizedWeight(lut, idx.to(torch.uint8 if nbits <= 8 else torch.int32), nbits)
+        return PalettizedWeight(lut, idx.to(index_dtype), nbits)
+    lut = _coremltools_lut(w, nbits, granularity, group_size).reshape(groups, -1)
+    lut, _ = lut.half().float().sort(dim=1)
+    idx = torch.empty(flat.shape, dtype=index_dtype)
+    for g in range(groups):  # nearest fp16 centre per weight
+        idx[g] = torch.bucketize(flat[g], (lut[g, 1:] + lut[g, :-1]) / 2).to(index_dtype)
+    return PalettizedWeight(lut, idx.reshape(w.shape), nbits)
 
+
+def _coremltools_lut(w: torch.Tensor, nbits: int, granularity: str, group_size: Optional[int]) -> torch.Tensor:
     from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
 
     layer_cfg = {"n_bits": nbits, "granularity": granularity}
@@ -225,16 +237,7 @@ def palettize_weight(
     holder.layer.weight = nn.Parameter(w.reshape(w.shape[0], -1).clone(), requires_grad=False)
     with _quiet_coremltools():
         done = PostTrainingPalettizer(holder, PostTrainingPalettizerConfig.from_dict({"global_config": layer_cfg})).compress()
-    lut = done.layer.state_dict()["_COREML_/weight/lut"].reshape(groups, -1).float()
-    lut = lut.half().float()
-    flat = w.reshape(groups, -1)
-    # Nearest LUT entry per weight (the palettizer already snapped weights to it; this recovers the index).
-    idx = torch.empty(flat.shape, dtype=torch.uint8)
-    for g in range(groups):
-        for start in range(0, flat.shape[1], 1 << 20):
-            chunk = flat[g, start : start + (1 << 20)]
-            idx[g, start : start + chunk.numel()] = (chunk[:, None] - lut[g][None, :]).abs().argmin(1).to(torch.uint8)
-    return PalettizedWeight(lut, idx.reshape(w.shape), nbits)
+    return done.layer.state_dict()["_COREML_/weight/lut"].float()
 
 
 def palettizable_layers(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Module]:

@@ -89,6 +89,7 @@ class DeploymentParts:
     autoencoder: Optional[object] = None
     shift: float = 1.0
     source: str = ""
+    default_size: Optional[int] = None
 
 
 @dataclass
@@ -117,6 +118,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         raise FileNotFoundError(f"checkpoint {p} does not exist; pass a pipeline, training run or PocketDiT directory")
     text = ae = None
     shift = 1.0
+    default_size = None
     if (p / "pipeline.json").is_file():
         meta = json.loads((p / "pipeline.json").read_text())
         transformer = load_denoiser(p / "transformer")
@@ -125,6 +127,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
             spec = meta["autoencoder"]
             autoencoder = str(p / spec[2:]) if spec.startswith("./") else spec
         shift = float(meta.get("default_shift", 1.0))
+        default_size = meta.get("default_size")
         text_lengths = meta.get("text_max_lengths")
     elif (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file():
         transformer = load_denoiser(p)
@@ -136,7 +139,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         transformer = pipe.transformer.eval()
         text = None if text_encoder == "none" else pipe.text_conditioner
         ae = None if autoencoder == "none" else pipe.autoencoder
-        return DeploymentParts(transformer, text, ae, pipe.default_shift, str(p))
+        return DeploymentParts(transformer, text, ae, pipe.default_shift, str(p), pipe.default_size)
     if text_encoder and text_encoder != "none":
         from ..text import build_text_conditioner
 
@@ -146,7 +149,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         from ..autoencoder import load_autoencoder
 
         ae = load_autoencoder(autoencoder)
-    return DeploymentParts(transformer.eval(), text, ae, shift, str(p))
+    return DeploymentParts(transformer.eval(), text, ae, shift, str(p), default_size)
 
 
 def _select_width(model, width: Optional[int]):

@@ -1,0 +1,262 @@
+"""`pocketdit quantize | export | bench runtime`: argument parsing and reporting around pocketdit.quantize
+and pocketdit.export. Each command takes the remaining argv and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantize
+# ----------------------------------------------------------------------------------------------------
+def quantize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pocketdit quantize",
+        description="Quantize a PocketDiT (pipeline, training run/checkpoint, or bare transformer directory).",
+    )
+    p.add_argument("checkpoint", help="pipeline directory, training run, checkpoint-* directory or PocketDiT directory")
+    p.add_argument("--scheme", required=True, choices=["palettize4", "int8", "8da4w"])
+    p.add_argument("-o", "--output", required=True, help="output directory (a pipeline directory when the input has one)")
+    p.add_argument("--nbits", type=int, default=4, help="palettize4: bits of most layers")
+    p.add_argument("--high-nbits", type=int, default=8, help="palettize4: bits of the sensitive layers")
+    p.add_argument("--target-avg-bits", type=float, default=4.3, help="palettize4: average bits to stay within")
+    p.add_argument("--group-size", type=int, default=32, help="8da4w: weights per quantization group")
+    p.add_argument("--calibration", choices=["trajectories", "random"], default="trajectories",
+                   help="palettize4 inputs for sensitivity and fine-tuning: the fp32 model's own sampling trajectories "
+                        "on ShapesEval prompts (needs a text encoder), or synthetic random inputs")
+    p.add_argument("--calibration-prompts", type=int, default=16, help="prompts used for trajectory calibration")
+    p.add_argument("--finetune-steps", type=int, default=0, help="palettize4: self-distillation steps of the non-palettized parameters")
+    p.add_argument("--lr", type=float, default=1e-4, help="self-distillation learning rate")
+    p.add_argument("--eval", action="store_true", help="measure image PSNR vs fp32 (and ShapesEval with --shapes-eval)")
+    p.add_argument("--shapes-eval", action="store_true", help="also score fp32 and quantized with ShapesEval (slow)")
+    p.add_argument("--eval-steps", type=int, default=None, help="sampling steps for evaluation (default: the pipeline's)")
+    p.add_argument("--eval-images", type=int, default=16, help="images for the PSNR comparison")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _load_pipeline(path: str):
+    """(pipeline or None, transformer). A bare PocketDiT directory has no pipeline."""
+    from ..quantize import load_denoiser
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist; pass a pipeline, training run or PocketDiT directory")
+    if (p / "config.json").is_file() and json.loads((p / "config.json").read_text()).get("_class_name") == "PocketDiT":
+        return None, load_denoiser(p)
+    from ..pipeline import PocketDiTPipeline
+
+    pipe = PocketDiTPipeline.from_pretrained(p)
+    pipe.transformer.eval()
+    return pipe, pipe.transformer
+
+
+def trajectory_calibration(pipe, prompts: Sequence[str], num_steps: int, seed: int = 0, batch_size: int = 8) -> list[dict]:
+    """Denoiser inputs along the fp32 pipeline's own sampling trajectories (conditional branch)."""
+    import torch
+
+    from .. import flow
+
+    model = pipe.transformer
+    size = pipe.default_size or 32
+    lh, lw = pipe.check_image_size(size, size)
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        states, masks = pipe._encode(chunk)
+        single = len(states) == 1
+        s, m = (states[0], masks[0]) if single else (states, masks)
+        g = torch.Generator().manual_seed(seed + start)
+        noise = torch.randn(len(chunk), pipe.autoencoder.latent_channels, lh, lw, generator=g)
+
+        def denoise(x, t, conditional):
+            batches.append(dict(hidden_states=x.clone(), timestep=t.clone(), encoder_hidden_states=s, encoder_attention_mask=m))
+            with torch.no_grad():
+                return model(x, t, s, m).sample
+
+        flow.euler_sample(denoise, noise, num_steps, shift=pipe.default_shift)
+    return batches
+
+
+def _eval_prompts(n: int) -> list[str]:
+    from ..evaluate.shapes_eval import load_prompts
+
+    prompts = [p["prompt"] for p in load_prompts()]
+    step = max(1, len(prompts) // n)
+    return prompts[::step][:n]
+
+
+def _images(pipe, transformer, prompts, steps, seed):
+    original = pipe.transformer
+    pipe.transformer = transformer
+    try:
+        return pipe(prompts, num_steps=steps, seed=[seed + i for i in range(len(prompts))], output_type="pt", progress=False)
+    finally:
+        pipe.transformer = original
+
+
+def _shapes_eval(pipe, transformer, steps, seed) -> float:
+    from ..evaluate.shapes_eval import evaluate_generator
+
+    size = pipe.default_size or 32
+
+    def generate(prompts, seeds):
+        original = pipe.transformer
+        pipe.transformer = transformer
+        try:
+            return pipe(prompts, num_steps=steps, seed=seeds, output_type="pt", progress=False, height=size, width=size)
+        finally:
+            pipe.transformer = original
+
+    return evaluate_generator(generate, size, images_per_prompt=1, seed=seed)["overall"]
+
+
+def quantize_command(argv: Sequence[str]) -> int:
+    args = quantize_parser().parse_args(list(argv))
+    import copy
+
+    import torch
+
+    from .. import quantize as Q
+
+    try:
+        pipe, model = _load_pipeline(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    if getattr(model, "_pocketdit_quantization", None) is not None:
+        return _fail(f"{args.checkpoint} is already quantized ({model._pocketdit_quantization['scheme']}); start from the float checkpoint")
+    fp32 = model
+    quantized = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    overrides = {}
+    calibration = None
+    if args.scheme == "palettize4":
+        overrides = dict(nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits)
+        if args.calibration == "trajectories" and pipe is not None:
+            steps = args.eval_steps or pipe.default_steps
+            calibration = trajectory_calibration(pipe, _eval_prompts(args.calibration_prompts), steps, args.seed)
+            print(f"calibration: {len(calibration)} batches from {steps}-step fp32 trajectories on {args.calibration_prompts} ShapesEval prompts")
+        else:
+            if args.calibration == "trajectories":
+                print("calibration: no text encoder/pipeline here, using synthetic random inputs")
+            calibration = Q.random_calibration(model, num_batches=8)
+    elif args.scheme == "8da4w":
+        overrides = dict(group_size=args.group_size)
+    try:
+        config = Q.config_for_scheme(args.scheme, **overrides)
+        report = Q.quantize_(quantized, config, calibration=calibration)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.finetune_steps:
+        if args.scheme != "palettize4":
+            return _fail("--finetune-steps applies to palettize4 only")
+        losses = Q.self_distill_(quantized, fp32, calibration, steps=args.finetune_steps, lr=args.lr)
+        print(f"self-distillation: {args.finetune_steps} steps, loss {losses[0]:.4g} -> {sum(losses[-10:]) / len(losses[-10:]):.4g}")
+    quantized._pocketdit_quantization.setdefault("report", report.to_dict() if report else {})
+    out = Path(args.output)
+    if pipe is not None:
+        # A pipeline in, a pipeline out: same text encoder/autoencoder specs, quantized transformer/.
+        pipe.save_pretrained(out)
+        shutil.rmtree(out / "transformer")
+        meta = Q.save_quantized(quantized, out / "transformer")
+    else:
+        meta = Q.save_quantized(quantized, out)
+    seconds = time.perf_counter() - t0
+    fp32_bytes = sum(p.numel() * 4 for p in fp32.parameters())
+    summary = {"scheme": args.scheme, "seconds": round(seconds, 1), "file_bytes": meta["file_size_bytes"], "fp32_param_bytes": fp32_bytes}
+    if report is not None:
+        summary.update(average_bits=round(report.average_bits, 3), high_bit_layers=report.num_high_bit_layers, layers=len(report.layer_bits))
+    if args.eval:
+        if pipe is None:
+            return _fail("--eval needs a pipeline (text encoder + autoencoder); this checkpoint is a bare transformer")
+        steps = args.eval_steps or pipe.default_steps
+        prompts = _eval_prompts(args.eval_images)
+        with torch.no_grad():
+            ref = _images(pipe, fp32, prompts, steps, args.seed + 1000)
+            got = _images(pipe, quantized, prompts, steps, args.seed + 1000)
+        summary["image_psnr_db"] = round(Q.psnr(got, ref, peak=2.0), 2)
+        summary["eval_steps"] = steps
+        if args.shapes_eval:
+            summary["shapes_eval_fp32"] = round(_shapes_eval(pipe, fp32, steps, args.seed), 4)
+            summary["shapes_eval_quantized"] = round(_shapes_eval(pipe, quantized, steps, args.seed), 4)
+    (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out} ({_mb(meta['file_size_bytes'])} weights vs {_mb(fp32_bytes)} fp32)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pocketdit export",
+        description="Export text encoder, denoiser (one width, one step) and decoder as static-shape graphs, "
+        "each checked against eager PyTorch (PSNR), plus a whole few-step generation.",
+    )
+    p.add_argument("checkpoint", help="pipeline directory, training run/checkpoint, or (quantized) PocketDiT directory")
+    p.add_argument("--format", required=True, choices=["executorch", "coreml", "onnx"])
+    p.add_argument("--resolution", type=int, required=True, help="image side in pixels")
+    p.add_argument("--width", type=int, default=None, help="elastic width (default: the checkpoint's hidden size)")
+    p.add_argument("--quantize", choices=["palettize4", "int8", "8da4w"], default=None, help="quantize before exporting")
+    p.add_argument("-o", "--output", default=None, help="output directory (default: exports/<format>)")
+    p.add_argument("--text-encoder", default=None, help="'minilm', a local encoder directory or 'none' (default: the checkpoint's)")
+    p.add_argument("--autoencoder", default=None, help="'pixel', a local directory or 'none' (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=4, help="steps of the end-to-end parity check")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--min-psnr", type=float, default=35.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def export_command(argv: Sequence[str]) -> int:
+    args = export_parser().parse_args(list(argv))
+    from . import ExportConfig, ParityError, export_pipeline, load_parts
+
+    try:
+        config = ExportConfig(
+            format=args.format, resolution=args.resolution, width=args.width, quantize=args.quantize,
+            batch_size=args.batch_size, num_steps=args.steps, shift=args.shift, min_psnr=args.min_psnr, seed=args.seed,
+        )
+        parts = load_parts(args.checkpoint, args.text_encoder, args.autoencoder)
+        result = export_pipeline(parts, args.output or f"exports/{args.format}", config)
+    except ParityError as e:
+        return _fail(f"parity check failed: {e}")
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    for name, par in result.parity.items():
+        size = f", {_mb(result.sizes[name])}" if name in result.sizes else ""
+        print(f"{name:>13}: PSNR {par.psnr:.1f} dB vs eager ({par.runtime}){size}")
+    print(f"wrote {result.out_dir} (manifest {result.out_dir / 'export.json'})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------------
+def bench_command(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: pocketdit bench runtime CHECKPOINT [options]   (see `pocketdit bench runtime --help`)")
+        return 0 if argv else 2
+    if argv[0] != "runtime":
+        return _fail(f"unknown bench {argv[0]!r}; available: runtime")
+    from .runtime_bench import main
+
+    return main(argv[1:])

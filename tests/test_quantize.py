@@ -1,0 +1,171 @@
+"""Palettization (LUT k-means, sensitivity-chosen 8-bit layers, self-distillation, compact storage) and the
+torchao CPU schemes, on the nano preset."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from pocketdit import quantize as Q
+from pocketdit.model import PocketDiT
+
+
+def nano(seed=0):
+    torch.manual_seed(seed)
+    model = PocketDiT.from_preset("nano").eval()
+    with torch.no_grad():  # zero-initialised layers (final layer, cross-attn out) would make the test trivial
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nano()
+
+
+@pytest.fixture(scope="module")
+def calibration(model):
+    return Q.random_calibration(model, num_batches=2, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def palettized(model, calibration):
+    q = copy.deepcopy(model)
+    report = Q.quantize_(q, Q.PalettizeConfig(nbits=4, high_nbits=8, target_avg_bits=4.3), calibration=calibration, progress=False)
+    return q, report
+
+
+def outputs(model, batches):
+    with torch.no_grad():
+        return [model(**b).sample for b in batches]
+
+
+# ----------------------------------------------------------------------------------------------------
+def test_palettize_weight_has_at_most_2_pow_n_values_and_dequantizes_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(48, 40)
+    pw = Q.palettize_weight(w, nbits=3)
+    assert pw.lut.shape == (1, 8)
+    assert int(pw.indices.max()) < 8
+    deq = pw.dequantize()
+    assert deq.shape == w.shape
+    assert deq.unique().numel() <= 8
+    # k-means with 8 levels beats uniform 8-level rounding of the same range
+    levels = torch.linspace(w.min(), w.max(), 8)
+    uniform = levels[(w[..., None] - levels).abs().argmin(-1)]
+    assert (deq - w).pow(2).mean() < (uniform - w).pow(2).mean()
+    # LUT is stored in fp16: values survive a round trip through half precision unchanged
+    assert torch.equal(pw.lut, pw.lut.half().float())
+
+
+def test_tiny_weights_are_their_own_palette():
+    w = torch.randn(2, 3)
+    pw = Q.palettize_weight(w, nbits=4)
+    assert torch.equal(pw.dequantize(), w.half().float())
+
+
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
+def test_pack_unpack_roundtrip(nbits):
+    g = torch.Generator().manual_seed(nbits)
+    idx = torch.randint(0, 2**nbits, (7, 13), generator=g).to(torch.uint8)
+    packed = Q.pack_indices(idx, nbits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == (idx.numel() * nbits + 7) // 8
+    assert torch.equal(Q.unpack_indices(packed, nbits, idx.shape), idx)
+
+
+def test_choose_layer_bits_respects_budget_and_promotes_most_sensitive():
+    numels = {"a": 100, "b": 100, "c": 800}
+    sens = {"a": 5.0, "b": 1.0, "c": 10.0}
+    bits = Q.choose_layer_bits(sens, numels, 4, 8, 4.5)
+    # c is most sensitive but promoting it costs 3200 extra bits > budget 500; a fits (400), then b does not
+    assert bits == {"a": 8, "b": 4, "c": 4}
+    avg = sum(bits[n] * numels[n] for n in numels) / sum(numels.values())
+    assert avg <= 4.5
+
+
+def test_palettized_model_meets_bit_budget_and_stays_close(model, calibration, palettized):
+    q, report = palettized
+    assert 4.0 < report.average_bits <= 4.3
+    assert report.num_high_bit_layers >= 1
+    layers = Q.palettizable_layers(q)
+    assert set(report.layer_bits) == set(layers)
+    for name, module in layers.items():
+        assert module.weight.unique().numel() <= 2 ** report.layer_bits[name], name
+    # bits follow the sensitivity ranking: the most sensitive layer that fits the whole budget is 8-bit
+    assert Q.choose_layer_bits(report.sensitivity, report.numels, 4, 8, 4.3) == report.layer_bits
+    total = sum(report.numels.values())
+    fits = [n for n in report.numels if 4 * report.numels[n] <= 0.3 * total]
+    assert report.layer_bits[max(fits, key=report.sensitivity.get)] == 8
+    ref, got = outputs(model, calibration), outputs(q, calibration)
+    assert min(Q.psnr(g, r) for g, r in zip(got, ref)) > 25.0
+
+
+def test_palettized_save_load_roundtrip_is_exact_and_compact(tmp_path, model, calibration, palettized):
+    q, report = palettized
+    meta = Q.save_quantized(q, tmp_path / "pal")
+    written = json.loads((tmp_path / "pal" / Q.QUANT_CONFIG_NAME).read_text())
+    assert written["scheme"] == "palettize4"
+    assert written["average_bits"] == pytest.approx(report.average_bits)
+    assert written["average_bits_with_luts"] > written["average_bits"]
+    model.save_pretrained(tmp_path / "fp32")
+    fp32_size = (tmp_path / "fp32" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert meta["file_size_bytes"] < 0.45 * fp32_size
+    loaded = Q.load_quantized(tmp_path / "pal")
+    for a, b in zip(outputs(q, calibration), outputs(loaded, calibration)):
+        assert torch.equal(a, b)
+    assert Q.load_denoiser(tmp_path / "pal").config.hidden_size == model.config.hidden_size
+
+
+def test_self_distillation_lowers_error_and_keeps_palettes(model, calibration, palettized):
+    q = copy.deepcopy(palettized[0])
+    before = {n: m.weight.clone() for n, m in Q.palettizable_layers(q).items()}
+    losses = Q.self_distill_(q, model, calibration, steps=8, lr=1e-3, progress=False)
+    assert sum(losses[-4:]) / 4 < losses[0]
+    for name, module in Q.palettizable_layers(q).items():
+        assert torch.equal(module.weight, before[name]), f"{name} palettized weight changed"
+    assert all(p.requires_grad for p in q.parameters())  # flags restored
+
+
+@pytest.mark.parametrize("scheme,min_psnr", [("int8", 40.0), ("8da4w", 25.0)])
+def test_torchao_schemes_quantize_save_and_reload(tmp_path, model, calibration, scheme, min_psnr):
+    q = copy.deepcopy(model)
+    assert Q.quantize_(q, Q.config_for_scheme(scheme)) is None
+    assert type(q.down_blocks[0].attn.to_q.weight).__name__ in ("Int8Tensor", "IntxUnpackedToInt8Tensor")
+    ref, got = outputs(model, calibration), outputs(q, calibration)
+    assert min(Q.psnr(g, r) for g, r in zip(got, ref)) > min_psnr
+    Q.save_quantized(q, tmp_path / scheme)
+    loaded = Q.load_quantized(tmp_path / scheme)
+    for a, b in zip(got, outputs(loaded, calibration)):
+        assert torch.equal(a, b)
+
+
+def test_config_errors_name_the_problem(model):
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        Q.config_for_scheme("int3")
+    with pytest.raises(ValueError, match="unknown PalettizeConfig key"):
+        Q.config_for_scheme("palettize4", bits=4)
+    with pytest.raises(ValueError, match="target_avg_bits"):
+        Q.PalettizeConfig(target_avg_bits=9.0)
+    with pytest.raises(ValueError, match="nbits"):
+        Q.PalettizeConfig(nbits=5)
+    with pytest.raises(ValueError, match="group_size"):
+        Q.Int8DynActInt4Weight(group_size=24)
+    with pytest.raises(ValueError, match="calibration"):
+        Q.quantize_(copy.deepcopy(model), Q.PalettizeConfig(), calibration=None, progress=False)
+
+
+def test_load_errors_say_which_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a quantized checkpoint"):
+        Q.load_quantized(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Q.load_denoiser(tmp_path / "missing")
+
+
+def test_psnr():
+    x = torch.linspace(-1, 1, 100)
+    assert Q.psnr(x, x) == float("inf")
+    noisy = x + 0.01
+    assert Q.psnr(noisy, x, peak=2.0) == pytest.approx(20 * torch.log10(torch.tensor(2.0 / 0.01)).item(), rel=1e-4)
