@@ -13,6 +13,7 @@ import torch
 # name -> (module, class); imported lazily so optional dependencies are only needed when used.
 DATASETS: dict[str, tuple[str, str]] = {
     "shapes": ("pocketdit.data.shapes", "ShapesDataset"),
+    "emoji": ("pocketdit.data.emoji", "EmojiDataset"),
 }
 
 
