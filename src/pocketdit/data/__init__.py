@@ -14,6 +14,9 @@ import torch
 DATASETS: dict[str, tuple[str, str]] = {
     "shapes": ("pocketdit.data.shapes", "ShapesDataset"),
     "emoji": ("pocketdit.data.emoji", "EmojiDataset"),
+    "folder": ("pocketdit.data.folder", "ImageFolderDataset"),
+    "webdataset": ("pocketdit.data.webdataset", "WebDatasetShards"),
+    "hf": ("pocketdit.data.hf", "HFImageDataset"),
 }
 
 

@@ -10,7 +10,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["check_resolution", "load_rgb", "preprocess", "resize_and_crop", "to_tensor"]
+__all__ = [
+    "BadSampleError",
+    "BadSampleLog",
+    "check_resolution",
+    "load_rgb",
+    "open_image",
+    "preprocess",
+    "resize_and_crop",
+    "to_tensor",
+]
 
 MIN_RESOLUTION = 8
 
@@ -59,3 +68,65 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """`resize_and_crop` then `to_tensor`: the one call the datasets use."""
     return to_tensor(resize_and_crop(image, resolution, center_crop))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad samples (broken image, missing caption): reported with the path, then skipped or fatal.
+
+ON_ERROR = ("skip", "raise")
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used; the message names its path and what is wrong."""
+
+    def __init__(self, path: str, reason: str, hint: str = "") -> None:
+        super().__init__(f"{path}: {reason}{hint}")
+        self.path = path
+        self.reason = reason
+
+
+class BadSampleLog:
+    """What the `on_error` flag does with a bad sample.
+
+    "raise" raises `BadSampleError(f"{path}: {reason}")`. "skip" logs a warning with the path and reason
+    (once per path) and counts it: `.skipped` is the number of distinct bad samples seen in this process,
+    `.skipped_items` the (path, reason) pairs. (DataLoader workers keep their own counts; their warnings
+    still reach the log.)
+    """
+
+    def __init__(self, on_error: str, logger) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r} must be one of {ON_ERROR}")
+        self.on_error = on_error
+        self.logger = logger
+        self.skipped_items: list[tuple[str, str]] = []
+        self._seen: set[str] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_items)
+
+    def report(self, path: str, reason: str) -> None:
+        if self.on_error == "raise":
+            raise BadSampleError(path, reason, " (pass on_error='skip' to skip such samples)")
+        if path not in self._seen:
+            self._seen.add(path)
+            self.skipped_items.append((path, reason))
+            self.logger.warning("skipping %s: %s", path, reason)
+
+
+def open_image(source, path: str) -> Image.Image:
+    """Open and fully decode an image from a path, file object or bytes; a broken or truncated file raises
+    BadSampleError naming `path`."""
+    import io
+
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as image:
+            image.load()  # decode now so truncated files fail here, not later in a worker
+            return image.copy()
+    except FileNotFoundError:
+        raise BadSampleError(path, "image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadSampleError(path, f"broken image ({type(error).__name__}: {error})") from None
