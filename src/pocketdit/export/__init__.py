@@ -23,7 +23,9 @@ from typing import Optional, Union
 
 import torch
 
-from .graphs import DecoderGraph, DenoiserGraph, GraphSpec, TextEncoderGraph, decoder_spec, denoiser_spec, text_encoder_spec
+from .graphs import (
+    DecoderGraph, DenoiserGraph, GraphSpec, TextEncoderGraph, decoder_spec, denoiser_spec, fresh_inputs, text_encoder_spec,
+)
 from .parity import DEFAULT_MIN_PSNR, ParityError, ParityResult, check_generation, check_graph
 
 __all__ = [
@@ -309,8 +311,6 @@ def export_pipeline(parts: DeploymentParts, out_dir: Union[str, os.PathLike], co
     den = specs["denoiser"]
     inputs = {"noise": torch.randn(den.example_inputs[0].shape, generator=g)}
     if "text_encoder" in specs:
-        from .graphs import fresh_inputs
-
         inputs["input_ids"], inputs["attention_mask"] = fresh_inputs(specs["text_encoder"], config.seed + 8)
     else:
         k = len(model.config.text_embed_dims)

@@ -69,11 +69,11 @@ def export_coreml(
         if weight_compression == "palettize":
             from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
 
-            mlmodel = palettize_weights(mlmodel, OptimizationConfig(global_config=OpPalettizerConfig(mode="unique")))
+            mlmodel = palettize_weights(mlmodel, OptimizationConfig(global_config=OpPalettizerConfig(mode="unique", weight_threshold=0)))
         elif weight_compression == "int8":
             from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
-            cfg = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8")
+            cfg = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
             mlmodel = linear_quantize_weights(mlmodel, OptimizationConfig(global_config=cfg))
         elif weight_compression is not None:
             raise ValueError(f"weight_compression must be None, 'palettize' or 'int8', got {weight_compression!r}")

@@ -1,0 +1,174 @@
+"""Export of the nano preset: ONNX (onnxruntime), ExecuTorch (XNNPACK, runtime), Core ML (conversion only on
+Linux), parity checks, the reference attention under export, and the CLI."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from pocketdit import quantize as Q
+from pocketdit.attention import backends
+from pocketdit.autoencoder import TinyAutoencoder
+from pocketdit.export import DeploymentParts, ExportConfig, ParityError, export_pipeline
+from pocketdit.export.graphs import decoder_spec, denoiser_spec, fresh_inputs, text_encoder_spec
+from pocketdit.export.parity import check_graph
+from pocketdit.model import PocketDiT
+from pocketdit.text import TextEncoder
+
+
+class TinyBert(TextEncoder):
+    """A 1-layer random BERT standing in for MiniLM (same graph structure, seconds to export)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        self.model = BertModel(
+            BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=16)
+        )
+        self.max_length, self.embed_dim, self.name = 8, 32, "tiny-bert"
+        self._freeze()
+
+
+class Conditioner:
+    def __init__(self, encoder):
+        self.encoders = [encoder]
+        self.names = (encoder.name,)
+
+
+def nano():
+    torch.manual_seed(0)
+    model = PocketDiT.from_preset("nano").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def tiny_autoencoder():
+    torch.manual_seed(0)
+    return TinyAutoencoder(encoder_block_out_channels=(8, 16), decoder_block_out_channels=(16, 8), norm_num_groups=4).eval()
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return DeploymentParts(nano(), Conditioner(TinyBert()), tiny_autoencoder(), shift=1.0, source="test")
+
+
+# ----------------------------------------------------------------------------------------------------
+def test_onnx_pipeline_parity(tmp_path, parts):
+    result = export_pipeline(parts, tmp_path, ExportConfig(format="onnx", resolution=32), progress=False)
+    assert set(result.files) == {"text_encoder", "denoiser", "decoder"}
+    for name, par in result.parity.items():
+        assert par.psnr >= 35.0, name
+    manifest = json.loads((tmp_path / "export.json").read_text())
+    den = manifest["graphs"]["denoiser"]
+    assert [i["name"] for i in den["inputs"]] == ["latents", "timestep", "text_states_0", "text_mask_0"]
+    assert den["inputs"][0]["shape"] == [1, 4, 16, 16]  # 32 px / factor 2
+    assert manifest["graphs"]["text_encoder"]["inputs"][0]["dtype"] == "int32"
+    assert manifest["image_parity"]["psnr_db"] is None or manifest["image_parity"]["psnr_db"] >= 35.0
+
+
+def test_onnx_int8_and_palettized(tmp_path, parts):
+    bare = DeploymentParts(parts.transformer, None, None, 1.0, "test")
+    r8 = export_pipeline(bare, tmp_path / "int8", ExportConfig(format="onnx", resolution=16, quantize="int8"), progress=False)
+    fp = export_pipeline(bare, tmp_path / "fp", ExportConfig(format="onnx", resolution=16), progress=False)
+    assert r8.sizes["denoiser"] < 0.6 * fp.sizes["denoiser"]
+    assert r8.parity["denoiser"].psnr >= 30.0
+    rp = export_pipeline(bare, tmp_path / "pal", ExportConfig(format="onnx", resolution=16, quantize="palettize4"), progress=False)
+    assert rp.parity["denoiser"].psnr >= 35.0  # vs the palettized eager model: same weights
+    assert json.loads((tmp_path / "pal" / "export.json").read_text())["quantization"]["average_bits"] <= 4.3
+
+
+def test_executorch_denoiser_runs_in_runtime_with_parity(tmp_path):
+    bare = DeploymentParts(nano(), None, None, 1.0, "test")
+    result = export_pipeline(bare, tmp_path, ExportConfig(format="executorch", resolution=16), progress=False)
+    assert (tmp_path / "denoiser.pte").stat().st_size > 0
+    assert result.parity["denoiser"].psnr >= 35.0
+    assert result.parity["image"].psnr >= 35.0
+    assert result.parity["denoiser"].runtime == "executorch"
+
+
+def test_executorch_refuses_int8_weight_only(tmp_path):
+    bare = DeploymentParts(nano(), None, None, 1.0, "test")
+    with pytest.raises(ValueError, match="8da4w"):
+        export_pipeline(bare, tmp_path, ExportConfig(format="executorch", resolution=16, quantize="int8"), progress=False)
+
+
+def test_coreml_converts_text_encoder_and_palettized_decoder(tmp_path, parts):
+    from pocketdit.export.coreml import coreml_op_counts, export_coreml
+
+    export_coreml(text_encoder_spec(parts.text_conditioner.encoders[0]), tmp_path / "text.mlpackage")
+    assert (tmp_path / "text.mlpackage" / "Manifest.json").is_file()
+    ae = copy.deepcopy(parts.autoencoder)
+    Q.quantize_(ae, Q.PalettizeConfig(nbits=4, target_avg_bits=4.0), progress=False)
+    export_coreml(decoder_spec(ae, 8), tmp_path / "dec.mlpackage", weight_compression="palettize")
+    ops = coreml_op_counts(tmp_path / "dec.mlpackage")
+    assert any("lut_to_dense" in op for op in ops), ops  # weights stored as LUT + indices
+
+
+def test_coreml_denoiser_converts_or_names_high_rank_ops(tmp_path):
+    """Core ML tensors are rank <= 5: the denoiser either converts or fails naming the offending source lines."""
+    from pocketdit.export.coreml import CoreMLConversionError, export_coreml
+
+    spec = denoiser_spec(nano(), 16)
+    try:
+        export_coreml(spec, tmp_path / "den.mlpackage")
+    except CoreMLConversionError as e:
+        assert "rank" in str(e) and ".py" in str(e)
+    else:
+        assert (tmp_path / "den.mlpackage").is_dir()
+
+
+def test_export_uses_reference_attention(monkeypatch):
+    """Under torch.export the BNA dispatch must pick the plain reference, never a registered fast path."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fast BNA backend was dispatched while exporting")
+
+    for name in ("bna_dispatch", "assa_dispatch"):
+        if hasattr(backends, name):
+            monkeypatch.setattr(backends, name, refuse)
+    model = nano()
+    for blk in model.blocks():
+        blk.attn.backend = "auto"
+    spec = denoiser_spec(model, 16)
+    program = torch.export.export(spec.module, spec.example_inputs, strict=False)
+    inputs = fresh_inputs(spec, 3)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.allclose(program.module()(*inputs), spec.module(*inputs), atol=1e-5)
+
+
+def test_parity_failure_reports_the_number():
+    spec = denoiser_spec(nano(), 16)
+
+    def noisy(*inputs):
+        out = spec.module(*inputs)
+        return out + 0.05 * out.abs().max() * torch.randn_like(out)
+
+    with pytest.raises(ParityError, match=r"PSNR \d+\.\d+ dB < 35"):
+        check_graph(spec, noisy, "noisy-runtime")
+
+
+def test_bad_resolution_is_a_clear_error(tmp_path, parts):
+    with pytest.raises(ValueError, match="downsample factor"):
+        export_pipeline(parts, tmp_path, ExportConfig(format="onnx", resolution=33), progress=False)
+    with pytest.raises(ValueError, match="format"):
+        ExportConfig(format="tflite")
+
+
+def test_cli_quantize_and_export(tmp_path, capsys):
+    from pocketdit.export.cli import export_command, quantize_command
+
+    nano().save_pretrained(tmp_path / "ckpt")
+    assert quantize_command([str(tmp_path / "ckpt"), "--scheme", "int8", "-o", str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "quantize_report.json").read_text())["scheme"] == "int8"
+    rc = export_command([str(tmp_path / "ckpt"), "--format", "onnx", "--resolution", "16", "-o", str(tmp_path / "onnx")])
+    assert rc == 0
+    assert "denoiser: PSNR" in capsys.readouterr().out
+    assert export_command([str(tmp_path / "missing"), "--format", "onnx", "--resolution", "16"]) == 2
+    assert "does not exist" in capsys.readouterr().err
