@@ -238,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--big-resolution", type=int, default=1024, help="from this size on, run only --big-models ...")
     ap.add_argument("--big-models", nargs="+", default=None, help="... (default: all --models)")
     ap.add_argument("--big-repeats", type=int, default=None, help="... with this many timed rounds")
+    ap.add_argument("--interleave", nargs="*", default=["PixArt-Sigma 0.6B", "SANA 0.6B"],
+                    help="models timed round-robin with PocketDiT small and small-dense")
     ap.add_argument("--section", default="denoiser")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -260,8 +262,10 @@ def main(argv=None):
     for res, names in plan:
         args.repeats_now = args.big_repeats if (res >= args.big_resolution and args.big_repeats) else args.repeats
         rows = []
-        # small and its dense ablation are timed interleaved (their ratio is a target); the rest one by one
-        groups = [[n for n in names if n in pair]] + [[n] for n in names if n not in pair]
+        # small, its dense ablation and the --interleave peers are timed round-robin in one group (their
+        # ratios are the targets, and the machine's load drifts); the rest one by one (memory)
+        together = pair + [m for m in args.interleave if m not in pair]
+        groups = [[n for n in names if n in together]] + [[n] for n in names if n not in together]
         for group in groups:
             if not group:
                 continue
@@ -306,7 +310,8 @@ def main(argv=None):
         f"- text tokens: PocketDiT {POCKETDIT_TEXT_TOKENS} per encoder (2 encoders: 512-d and 2560-d), "
         f"PixArt-Sigma and SANA {PEER_TEXT_TOKENS}",
         f"- started {started}; load average at start {load_start}, at end {load_average()} (machine shared with "
-        "other jobs: absolute times are noisy; small vs small-dense are interleaved in one group)",
+        "other jobs: absolute times are noisy; PocketDiT small, small-dense and "
+        f"{', '.join(args.interleave)} are timed round-robin in one group, so their ratios are comparable)",
         "- peak activations: bytes of tensors created during one step (weights excluded), tracked per op",
         f"- command: `{command_line()}`",
         f"- timed rounds: {args.repeats or f'{args.min_repeats}-{args.max_repeats} (budget {args.budget:.0f} s per group)'}"
