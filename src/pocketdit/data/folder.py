@@ -137,12 +137,15 @@ class ImageFolderDataset(Dataset):
                     caption = handle.read()
             caption = caption.strip() if caption else ""
             if not caption:
-                if path not in self.bad._seen:  # a missing metadata key was reported already
+                if not self.bad.seen(path):  # a missing metadata key was reported already
                     self.bad.report(path, "empty caption")
                 continue
             items.append((path, caption))
         for path in sorted(set(metadata) - found):
-            self.bad.report(path, f"listed in {METADATA_FILE} but the image file is missing")
+            if os.path.isfile(path):
+                self.bad.report(path, f"listed in {METADATA_FILE} but not a supported image type {IMAGE_EXTENSIONS}")
+            else:
+                self.bad.report(path, f"listed in {METADATA_FILE} but the image file is missing")
         return items
 
     def _verify(self) -> None:

@@ -106,6 +106,10 @@ class BadSampleLog:
     def skipped(self) -> int:
         return len(self.skipped_items)
 
+    def seen(self, path: str) -> bool:
+        """Whether `path` was already reported (and skipped)."""
+        return path in self._seen
+
     def report(self, path: str, reason: str) -> None:
         if self.on_error == "raise":
             raise BadSampleError(path, reason, " (pass on_error='skip' to skip such samples)")
