@@ -131,7 +131,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         shift = float(meta.get("default_shift", 1.0))
         default_size = meta.get("default_size")
         text_lengths = meta.get("text_max_lengths")
-    elif (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file():
+    elif _is_pocketdit_dir(p) or _is_pocketdit_dir(p / "transformer"):
         transformer = load_denoiser(p)
         text_lengths = None
     else:
@@ -152,6 +152,13 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
 
         ae = load_autoencoder(autoencoder)
     return DeploymentParts(transformer.eval(), text, ae, shift, str(p), default_size)
+
+
+def _is_pocketdit_dir(d: Path) -> bool:
+    try:
+        return json.loads((d / "config.json").read_text()).get("_class_name") == "PocketDiT"
+    except (OSError, ValueError):
+        return False
 
 
 def _select_width(model, width: Optional[int]):

@@ -99,6 +99,37 @@ class DecoderGraph(nn.Module):
         return self.autoencoder.decode(latents)
 
 
+class DecomposedLayerNorm(nn.Module):
+    """LayerNorm written as mean / subtract / mean of squares / rsqrt (same maths, same parameters).
+
+    ExecuTorch's XNNPACK delegate has no LayerNorm but does take these ops, so with this rewrite a
+    transformer block stays in one delegated partition instead of being cut at every norm.
+    """
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x):
+        centred = x - x.mean(-1, keepdim=True)
+        y = centred * torch.rsqrt((centred * centred).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def decompose_layer_norms(module: nn.Module) -> nn.Module:
+    """Replace every last-dimension nn.LayerNorm in `module` (in place) by DecomposedLayerNorm."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
+                setattr(parent, name, DecomposedLayerNorm(child))
+    return module
+
+
 @dataclass
 class GraphSpec:
     """One graph to export: its module, example inputs (static shapes) and the names of its inputs/outputs."""

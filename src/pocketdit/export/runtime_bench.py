@@ -31,7 +31,7 @@ CONFIGS = {
     "onnx-fp32": ("onnxruntime", "onnx", None),
     "onnx-int8": ("onnxruntime int8 (dynamic)", "onnx", "int8"),
 }
-DEFAULT_CONFIGS = ("eager-fp32", "eager-int8", "executorch-fp32", "executorch-8da4w", "onnx-fp32", "onnx-int8")
+DEFAULT_CONFIGS = ("eager-fp32", "eager-int8", "onnx-fp32", "onnx-int8", "executorch-fp32", "executorch-8da4w")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -257,8 +257,15 @@ def main(argv: Sequence[str]) -> int:
         results[name]["image_psnr"] = psnr_img if fmt is not None else ("ref" if name == "eager-fp32" else "-")
         lat = results[name]["latency_ms"]
         print(f"[{name}] denoiser {lat['denoiser']:.2f} ms/step, end-to-end {lat['total']:.1f} ms, peak RSS {results[name]['peak_rss_mib']:.0f} MiB")
+        _report(results, args, resolution, final=name == names[-1])
+    return 0
+
+
+def _report(results: dict, args, resolution: int, final: bool) -> None:
+    """Print / write the table (after every configuration, so a long run leaves what it measured)."""
     table = _table(results, args, resolution)
-    print(table)
+    if final:
+        print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.write:
@@ -266,8 +273,8 @@ def main(argv: Sequence[str]) -> int:
         from bench.report import command_line, machine_description, write_section
 
         write_section("runtime", table + "\n\n" + machine_description() + "\n\nCommand: `" + command_line() + "`\n")
-        print("wrote BENCHMARKS.md section 'runtime'")
-    return 0
+        if final:
+            print("wrote BENCHMARKS.md section 'runtime'")
 
 
 if __name__ == "__main__":
