@@ -1,5 +1,7 @@
 """FID with the bundled Inception. Tiny: 6 + 6 + 6 images (about 1 s each on a busy 2-core CPU)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,27 @@ def test_bad_inputs(tmp_path):
         FIDStats.from_features(np.zeros((1, 4)))
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         load_stats(str(tmp_path / "missing.npz"))
+
+
+def test_evaluate_pipeline_fid_plumbing(tmp_path, monkeypatch):
+    # A pixel "feature extractor" keeps this fast; the Inception path is tested above.
+    monkeypatch.setattr(fid, "_default_extractor", lambda device="cpu": (lambda x: x.flatten(1)))
+    reference = [EmojiDataset(resolution=16, seed=0)[i]["image"] for i in fid._spread_indices(1463, 5)]
+
+    class StubPipeline:
+        def __init__(self, images):
+            self.images, self.calls = list(images), []
+
+        def __call__(self, prompts, num_steps, guidance_scale, height, width, seed, output_type, progress):
+            self.calls.append((list(prompts), height, width, list(seed), output_type))
+            return torch.stack([self.images.pop(0) for _ in prompts])
+
+    perfect = StubPipeline(reference)
+    score = fid.evaluate_pipeline_fid(perfect, resolution=16, num_images=5, batch_size=2, cache_dir=str(tmp_path))
+    assert score == pytest.approx(0.0, abs=1e-6)
+    assert [len(c[0]) for c in perfect.calls] == [2, 2, 1]
+    assert perfect.calls[0][0][0] == "an emoji of a hyphen-minus" and perfect.calls[0][1:3] == (16, 16)
+    assert [s for c in perfect.calls for s in c[3]] == [0, 1, 2, 3, 4] and perfect.calls[0][4] == "pt"
+    assert os.path.isfile(tmp_path / "emoji_r16_n5_s0.npz")
+    noise = StubPipeline(torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert fid.evaluate_pipeline_fid(noise, resolution=16, num_images=5, batch_size=2, cache_dir=str(tmp_path)) > 10
