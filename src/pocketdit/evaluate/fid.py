@@ -23,7 +23,8 @@ import hashlib
 import importlib.util
 import json
 import os
-from typing import Iterable, Iterator
+import warnings
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -86,7 +87,9 @@ class InceptionFeatureExtractor(torch.nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Inception TorchScript {path!r} not found")
         try:
-            self.network = torch.jit.load(path, map_location="cpu").eval()
+            with warnings.catch_warnings():  # torch.jit.load's deprecation notice; the file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.network = torch.jit.load(path, map_location="cpu").eval()
         except RuntimeError as error:
             raise RuntimeError(f"{path} is not a loadable TorchScript file ({error})") from None
         self.to(device)
