@@ -80,7 +80,7 @@ class PalettizeConfig:
     target_avg_bits: the average bits per weight to stay within; layers are moved to high_nbits in order of
         sensitivity while the average allows (= nbits: no layer is promoted, no calibration needed).
     granularity: "per_tensor" (one LUT per weight, the paper's) or "per_grouped_channel" (one LUT per
-        `group_size` output channels).
+        `group_size` output channels; a layer whose output channels are not a multiple gets one LUT).
     sensitivity: "relative_mse" (output MSE / output mean square, comparable across layers) or "mse".
     skip: substrings of module names to leave in floating point.
     """
@@ -208,7 +208,7 @@ def palettize_weight(
     k = 2**nbits
     w = weight.detach().float().cpu()
     if granularity != "per_tensor" and w.shape[0] % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the {w.shape[0]} output channels")
+        granularity, group_size = "per_tensor", None  # channels not a multiple of the group: one LUT
     groups = 1 if granularity == "per_tensor" else w.shape[0] // group_size
     flat = w.reshape(groups, -1)
     index_dtype = torch.uint8 if nbits <= 8 else torch.int32

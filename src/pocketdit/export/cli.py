@@ -36,6 +36,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--high-nbits", type=int, default=8, help="palettize4: bits of the sensitive layers")
     p.add_argument("--target-avg-bits", type=float, default=4.3, help="palettize4: average bits to stay within")
     p.add_argument("--group-size", type=int, default=32, help="8da4w: weights per quantization group")
+    p.add_argument("--lut-group-channels", type=int, default=None,
+                   help="palettize4: one LUT per this many output channels (default: one LUT per tensor)")
     p.add_argument("--calibration", choices=["trajectories", "random"], default="trajectories",
                    help="palettize4 inputs for sensitivity and fine-tuning: the fp32 model's own sampling trajectories "
                         "on ShapesEval prompts (needs a text encoder), or synthetic random inputs")
@@ -147,6 +149,8 @@ def quantize_command(argv: Sequence[str]) -> int:
     calibration = None
     if args.scheme == "palettize4":
         overrides = dict(nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits)
+        if args.lut_group_channels:
+            overrides.update(granularity="per_grouped_channel", group_size=args.lut_group_channels)
         if args.calibration == "trajectories" and pipe is not None:
             steps = args.eval_steps or pipe.default_steps
             calibration = trajectory_calibration(pipe, _eval_prompts(args.calibration_prompts), steps, args.seed)
