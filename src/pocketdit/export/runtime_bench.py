@@ -53,7 +53,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """Peak resident memory of this process image in MiB.
+
+    VmHWM (Linux) belongs to the address space, so it starts fresh at exec; getrusage's ru_maxrss would
+    carry over the parent's peak into a freshly started worker.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ----------------------------------------------------------------------------------------------------
