@@ -785,11 +785,13 @@ def plot_metrics(metrics_path: Path, out_path: Path, title: str = "training loss
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, lw=0.6, alpha=0.45, label="loss (log window mean)")
-    smooth, s = [], losses[0]
-    for v in losses:
-        s = 0.95 * s + 0.05 * v
-        smooth.append(s)
+    smooth, s = [], 0.0
+    for i, v in enumerate(losses, start=1):  # bias-corrected EMA, so the line does not lag from the first value
+        s = 0.9 * s + 0.1 * v
+        smooth.append(s / (1 - 0.9**i))
     ax.plot(steps, smooth, lw=1.6, label="smoothed")
+    if min(losses) > 0:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("velocity MSE")
     ax.set_title(title)
