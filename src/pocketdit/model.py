@@ -129,7 +129,8 @@ class TokenMerge(nn.Module):
 
     def forward(self, x, height: int, width: int):
         b, _, d = x.shape
-        x = x.view(b, height // 2, 2, width // 2, 2, d).permute(0, 1, 3, 2, 4, 5)
+        # Batch folded into the row axis: Core ML accepts tensors of rank <= 5.
+        x = x.reshape(b * (height // 2), 2, width // 2, 2, d).permute(0, 2, 1, 3, 4)
         return self.proj(x.reshape(b, (height // 2) * (width // 2), 4 * d))
 
 
@@ -142,7 +143,7 @@ class TokenSplit(nn.Module):
 
     def forward(self, x, height: int, width: int):
         b, _, d = x.shape
-        x = self.proj(x).view(b, height // 2, width // 2, 2, 2, d).permute(0, 1, 3, 2, 4, 5)
+        x = self.proj(x).reshape(b * (height // 2), width // 2, 2, 2, d).permute(0, 2, 1, 3, 4)
         return x.reshape(b, height * width, d)
 
 
@@ -399,7 +400,8 @@ class PocketDiT(ModelMixin, ConfigMixin):
 
         x = self.final_layer(x, t_emb)  # (B, N, p*p*C)
         c = self.out_channels
-        x = x.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
+        x = x.reshape(b * gh, gw, p, p, c).permute(0, 2, 1, 3, 4).reshape(b, height * width, c)
+        x = x.transpose(1, 2).reshape(b, c, height, width)
         if not return_dict:
             return (x, features) if output_features else (x,)
         return PocketDiTOutput(sample=x, features=features if output_features else None)
