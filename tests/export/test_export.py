@@ -112,17 +112,13 @@ def test_coreml_converts_text_encoder_and_palettized_decoder(tmp_path, parts):
     assert any("lut_to_dense" in op for op in ops), ops  # weights stored as LUT + indices
 
 
-def test_coreml_denoiser_converts_or_names_high_rank_ops(tmp_path):
-    """Core ML tensors are rank <= 5: the denoiser either converts or fails naming the offending source lines."""
-    from pocketdit.export.coreml import CoreMLConversionError, export_coreml
+def test_coreml_denoiser_converts(tmp_path):
+    """Core ML tensors are rank <= 5; the model and reference attention keep to that, so the denoiser converts."""
+    from pocketdit.export.coreml import export_coreml
 
     spec = denoiser_spec(nano(), 16)
-    try:
-        export_coreml(spec, tmp_path / "den.mlpackage")
-    except CoreMLConversionError as e:
-        assert "rank" in str(e) and ".py" in str(e)
-    else:
-        assert (tmp_path / "den.mlpackage").is_dir()
+    export_coreml(spec, tmp_path / "den.mlpackage")
+    assert (tmp_path / "den.mlpackage").is_dir()
 
 
 def test_export_uses_reference_attention(monkeypatch):

@@ -101,10 +101,13 @@ def bna_reference(q, k, v, num_blocks: int, radius: int):
     size = n // num_blocks
     width = 2 * radius + 1
     idx = neighbor_block_index(num_blocks, radius, device=q.device)
-    qb = q.reshape(b, h, num_blocks, size, d)
-    kn = k.reshape(b, h, num_blocks, size, d)[:, :, idx].reshape(b, h, num_blocks, width * size, d)
-    vn = v.reshape(b, h, num_blocks, size, d)[:, :, idx].reshape(b, h, num_blocks, width * size, d)
-    return F.scaled_dot_product_attention(qb, kn, vn).reshape(b, h, n, d)
+    # Batch and heads folded together: the gather stays rank 5 and SDPA sees 4-D tensors (Core ML
+    # accepts rank <= 5; ONNX's dynamo exporter wants 4-D attention).
+    qb = q.reshape(b * h, num_blocks, size, d)
+    kn = k.reshape(b * h, num_blocks, size, d)[:, idx].reshape(b * h, num_blocks, width * size, d)
+    vn = v.reshape(b * h, num_blocks, size, d)[:, idx].reshape(b * h, num_blocks, width * size, d)
+    # contiguous(): export lowering otherwise turns this reshape into a view that SDPA's output strides forbid
+    return F.scaled_dot_product_attention(qb, kn, vn).contiguous().reshape(b, h, n, d)
 
 
 def assa_reference(q, k, v, k_compressed, v_compressed, gate, num_blocks: int, radius: int):

@@ -69,14 +69,17 @@ class KVCompression(nn.Module):
         b, h, n, d = x.shape
         if n != height * width or height % 2 or width % 2:
             raise ValueError(f"KV compression needs an even height x width grid of {n} tokens, got {height}x{width}")
-        # (.., row pair, 2, column pair, 2*D): the two columns of a window are adjacent in memory
-        windows = x.reshape(b, h, height // 2, 2, width // 2, 2 * d)
+        # (batch*heads, row pair, 2, column pair, 2*D): the two columns of a window are adjacent in
+        # memory. Every intermediate stays rank <= 5 (Core ML's limit).
+        hh, ww = height // 2, width // 2
+        windows = x.reshape(b * h, hh, 2, ww, 2 * d)
         weight = self.conv.weight.view(h, d, 2, 2).permute(0, 2, 3, 1)  # (heads, row i, column j, D)
-        rows = windows[:, :, :, 0] * weight[:, 0].reshape(1, h, 1, 1, 2 * d)
-        rows = rows + windows[:, :, :, 1] * weight[:, 1].reshape(1, h, 1, 1, 2 * d)
-        rows = rows.view(b, h, height // 2, width // 2, 2, d)
-        out = rows[..., 0, :] + rows[..., 1, :] + self.conv.bias.view(1, h, 1, 1, d)
-        return out.reshape(b, h, n // 4, d)
+        top = windows[:, :, 0].reshape(b, h, hh, ww, 2 * d)
+        bottom = windows[:, :, 1].reshape(b, h, hh, ww, 2 * d)
+        rows = top * weight[:, 0].reshape(1, h, 1, 1, 2 * d) + bottom * weight[:, 1].reshape(1, h, 1, 1, 2 * d)
+        rows = rows.reshape(b * h, hh, ww, 2, d)
+        out = (rows[..., 0, :] + rows[..., 1, :]).reshape(b, h, n // 4, d)
+        return out + self.conv.bias.view(1, h, 1, d)
 
 
 # ----------------------------------------------------------------------------------------------------
