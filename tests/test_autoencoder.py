@@ -16,13 +16,7 @@ from pocketdit.autoencoder import (
     train_autoencoder,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs/matmuls run fastest on one thread; on a shared CPU, OpenMP thread contention costs up to 40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_CFG = dict(latent_channels=4, encoder_block_out_channels=(8, 16), decoder_block_out_channels=(16, 8),

@@ -12,13 +12,7 @@ from pocketdit.text import (
     build_text_encoder,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs/matmuls run fastest on one thread; on a shared CPU, OpenMP thread contention costs up to 40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 WORDS = ["a", "red", "green", "blue", "circle", "square", "triangle", "on", "left", "of", "the", "big", "small"]

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .utils import dir_fingerprint
+
 __all__ = [
     "AutoencoderNotFoundError",
     "InvalidImageSizeError",
@@ -347,23 +349,6 @@ def _low_cpu_mem_usage() -> bool:
 
     return importlib.util.find_spec("accelerate") is not None
 
-
-def _dir_fingerprint(model_dir: Path) -> str:
-    """Short hash of config.json and the weight files (size + first and last MiB): different weights with the
-    same config get different names, and so different latent-cache keys, without reading a whole VAE."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read())
-    return h.hexdigest()[:8]
-
-
 def _read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text())
@@ -463,7 +448,7 @@ class DiffusersAutoencoder(_LatentSpaceMixin, nn.Module):
         vae = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=torch_dtype,
                                                           low_cpu_mem_usage=_low_cpu_mem_usage())
         folder = path.resolve().parent.name if path.name == "vae" else path.resolve().name
-        return cls(vae, name=f"{folder}-{class_name}-{_dir_fingerprint(path)}", sample_posterior=sample_posterior)
+        return cls(vae, name=f"{folder}-{class_name}-{dir_fingerprint(path)}", sample_posterior=sample_posterior)
 
     @property
     def latent_channels(self) -> int:

@@ -15,13 +15,14 @@ Encoders are frozen: parameters never require grad, dropout is off even when a p
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+
+from .utils import dir_fingerprint
 
 __all__ = [
     "TextEncoder",
@@ -171,23 +172,6 @@ def _find_tokenizer_dir(model_dir: Path) -> Optional[Path]:
             return c
     return None
 
-
-def _dir_fingerprint(model_dir: Path) -> str:
-    """Short hash of config.json and the weight files (size + first and last MiB): two fine-tunes of the same
-    architecture get different names, and so different embedding-cache keys, without reading GBs of weights."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read())
-    return h.hexdigest()[:8]
-
-
 class HFTextEncoder(TextEncoder):
     """A transformers text encoder loaded from a local directory (no hub access).
 
@@ -286,7 +270,7 @@ class HFTextEncoder(TextEncoder):
         self.hidden_layer = hidden_layer
         self.embed_dim = int(getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model"))
         layer = "" if hidden_layer == -1 else f"/layer{hidden_layer}"
-        self.name = f"{model_dir.resolve().name}-{_dir_fingerprint(model_dir)}{layer}@{max_length}"
+        self.name = f"{model_dir.resolve().name}-{dir_fingerprint(model_dir)}{layer}@{max_length}"
         self._freeze()
 
     def _forward_tokens(self, input_ids, attention_mask):

@@ -22,7 +22,14 @@ import os
 
 from torch.utils.data import Dataset
 
-from pocketdit.data.transforms import BadSampleError, BadSampleLog, check_resolution, open_image, preprocess
+from pocketdit.data.transforms import (
+    BadSampleError,
+    BadSampleLog,
+    ReportsBadSamples,
+    check_resolution,
+    open_image,
+    preprocess,
+)
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset"]
 
@@ -58,7 +65,7 @@ def _read_metadata(path: str, caption_column: str, bad: BadSampleLog) -> dict[st
     return entries
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(Dataset, ReportsBadSamples):
     """Map-style dataset over a folder of captioned images.
 
     Yields ``{"image": float (3, R, R) in [-1, 1], "caption": str, "meta": {"path": str}}``. Images are
@@ -103,14 +110,6 @@ class ImageFolderDataset(Dataset):
                 f"no usable captioned images in {root!r} ({self.bad.skipped} skipped); expected image files "
                 f"({', '.join(IMAGE_EXTENSIONS)}) with a same-stem .txt caption or a {METADATA_FILE}"
             )
-
-    @property
-    def skipped(self) -> int:
-        return self.bad.skipped
-
-    @property
-    def skipped_items(self) -> list[tuple[str, str]]:
-        return self.bad.skipped_items
 
     def _scan(self, caption_column: str) -> list[tuple[str, str]]:
         images: list[str] = []

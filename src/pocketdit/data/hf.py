@@ -21,7 +21,14 @@ import os
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pocketdit.data.transforms import BadSampleError, BadSampleLog, check_resolution, open_image, preprocess
+from pocketdit.data.transforms import (
+    BadSampleError,
+    BadSampleLog,
+    ReportsBadSamples,
+    check_resolution,
+    open_image,
+    preprocess,
+)
 
 __all__ = ["HFImageDataset"]
 
@@ -48,7 +55,7 @@ def _load(path: str, split: str):
     return loaded
 
 
-class HFImageDataset(Dataset):
+class HFImageDataset(Dataset, ReportsBadSamples):
     """Map-style dataset over a local Hugging Face dataset directory.
 
     Yields ``{"image": float (3, R, R) in [-1, 1], "caption": str, "meta": {"row": int}}``.
@@ -93,14 +100,6 @@ class HFImageDataset(Dataset):
                 raise ValueError(f"{role}={column!r} is not a column of {path!r} (split {split!r}); columns: {columns}")
         if len(self.dataset) == 0:
             raise ValueError(f"{path!r} split {split!r} has no rows")
-
-    @property
-    def skipped(self) -> int:
-        return self.bad.skipped
-
-    @property
-    def skipped_items(self) -> list[tuple[str, str]]:
-        return self.bad.skipped_items
 
     def __len__(self) -> int:
         return len(self.dataset)

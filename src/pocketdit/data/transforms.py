@@ -119,6 +119,20 @@ class BadSampleLog:
             self.logger.warning("skipping %s: %s", path, reason)
 
 
+class ReportsBadSamples:
+    """Mixin for datasets holding a `BadSampleLog` as `self.bad`: exposes its counts."""
+
+    bad: BadSampleLog
+
+    @property
+    def skipped(self) -> int:
+        return self.bad.skipped
+
+    @property
+    def skipped_items(self) -> list[tuple[str, str]]:
+        return self.bad.skipped_items
+
+
 def open_image(source, path: str) -> Image.Image:
     """Open and fully decode an image from a path, file object or bytes; a broken or truncated file raises
     BadSampleError naming `path`."""

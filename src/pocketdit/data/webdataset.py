@@ -25,7 +25,14 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset
 
-from pocketdit.data.transforms import BadSampleError, BadSampleLog, check_resolution, open_image, preprocess
+from pocketdit.data.transforms import (
+    BadSampleError,
+    BadSampleLog,
+    ReportsBadSamples,
+    check_resolution,
+    open_image,
+    preprocess,
+)
 
 __all__ = ["WebDatasetShards", "expand_urls"]
 
@@ -103,7 +110,7 @@ def _caption(group: dict[str, bytes]) -> str | None:
     return None
 
 
-class WebDatasetShards(IterableDataset):
+class WebDatasetShards(IterableDataset, ReportsBadSamples):
     """Iterable dataset over local WebDataset tar shards.
 
     Yields ``{"image": float (3, R, R) in [-1, 1], "caption": str, "meta": {"shard", "key"}}`` in shard
@@ -131,14 +138,6 @@ class WebDatasetShards(IterableDataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.bad = BadSampleLog(on_error, logger)
-
-    @property
-    def skipped(self) -> int:
-        return self.bad.skipped
-
-    @property
-    def skipped_items(self) -> list[tuple[str, str]]:
-        return self.bad.skipped_items
 
     def _worker_shards(self) -> list[str]:
         info = torch.utils.data.get_worker_info()

@@ -1,0 +1,27 @@
+"""Small helpers shared across modules."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def dir_fingerprint(model_dir: Path) -> str:
+    """Short hash of config.json and the weight files (name, size, first and last MiB).
+
+    Two models with the same config but different weights get different fingerprints, and so different
+    cache keys, without reading gigabytes of weights.
+    """
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return h.hexdigest()[:8]
