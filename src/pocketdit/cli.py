@@ -152,9 +152,8 @@ def _load_pipeline(path: str, device: str, ema: bool):
     return PocketDiTPipeline.from_pretrained(path, device=dev, ema=ema)
 
 
-def cmd_generate(args) -> int:
-    from .model import InvalidResolutionError
-    from .pipeline import make_grid
+def _pipeline_for_command(args):
+    """Apply --threads and load the pipeline named by -m; an exit code (after printing why) if it cannot."""
     from .trainer import CheckpointError
 
     if args.threads:
@@ -162,9 +161,18 @@ def cmd_generate(args) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        pipe = _load_pipeline(args.model, args.device, not args.no_ema)
+        return _load_pipeline(args.model, args.device, not args.no_ema)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         return _error(str(e))
+
+
+def cmd_generate(args) -> int:
+    from .model import InvalidResolutionError
+    from .pipeline import make_grid
+
+    pipe = _pipeline_for_command(args)
+    if isinstance(pipe, int):
+        return pipe
     size = args.size
     try:
         images = pipe(
@@ -197,16 +205,9 @@ def cmd_generate(args) -> int:
 # eval
 # ----------------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    import torch
-
-    from .trainer import CheckpointError
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        pipe = _load_pipeline(args.model, args.device, not args.no_ema)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        return _error(str(e))
+    pipe = _pipeline_for_command(args)
+    if isinstance(pipe, int):
+        return pipe
     resolution = args.resolution or pipe.default_size or 32
     report = {"model": str(args.model), "resolution": resolution, "steps": args.steps, "guidance": args.guidance}
     if not args.skip_shapes:
