@@ -96,6 +96,34 @@ def test_strided_assa_equals_reference_forward_and_backward():
         assert rel_err(t.grad, g) < TOL
 
 
+@pytest.mark.parametrize("tokens,blocks,radius", BNA_CASES)
+@pytest.mark.parametrize("hkv", [4, 1])
+@pytest.mark.parametrize("model_layout", [False, True])
+def test_strided_assa_inference_path_equals_reference(tokens, blocks, radius, hkv, model_layout):
+    # Without gradients assa_strided writes the gate mix piece by piece into a (B, N, H, D)-memory output;
+    # with gradients it concatenates and mixes once. Both must equal the reference, and each other exactly
+    # (the same lerp on the same numbers), for every block layout (interior blocks or not, one window).
+    args = make(n=tokens, hkv=hkv, nc=tokens // 4, model_layout=model_layout)
+    ref = assa_reference(*args, blocks, radius)
+    with torch.no_grad():
+        fast = backends.assa_strided(*args, blocks, radius)
+    assert fast.shape == ref.shape
+    assert fast.transpose(1, 2).is_contiguous()  # the layer's transpose(1, 2).reshape(B, N, H*D) is a view
+    assert rel_err(fast, ref) < TOL
+    graded = backends.assa_strided(*[t.detach().requires_grad_(True) for t in args], blocks, radius)
+    assert graded.requires_grad
+    assert torch.equal(fast, graded.detach())
+
+
+def test_strided_assa_inference_path_broadcasts_the_gate():
+    # A gate of any shape that broadcasts against (B, H, N, D): per head only, and a plain scalar tensor.
+    q, k, v, kc, vc, _ = make(n=64)
+    for gate in (torch.rand(1, 4, 1, 1, generator=torch.Generator().manual_seed(7)), torch.tensor(0.3)):
+        with torch.no_grad():
+            out = backends.assa_strided(q, k, v, kc, vc, gate, 4, 1)
+        assert rel_err(out, assa_reference(q, k, v, kc, vc, gate, 4, 1)) < TOL
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("tokens,blocks,radius", [(64, 4, 1), (128, 8, 1), (96, 6, 2)])
 def test_flex_masks_equal_reference(tokens, blocks, radius):

@@ -46,14 +46,19 @@ def _check_gqa(q, k, v):
 # ----------------------------------------------------------------------------------------------------
 # strided: windows as unfold views, two SDPA calls, no (2r+1)x copies
 # ----------------------------------------------------------------------------------------------------
-def bna_strided(q, k, v, num_blocks: int, radius: int):
-    """BNA without materialising neighbour copies: SDPA over `unfold` views of k and v."""
+def _bna_strided_pieces(q, k, v, num_blocks: int, radius: int):
+    """The local branch in pieces that tile the token axis, straight from SDPA (no concatenation).
+
+    Returns [(out, select)]: `out` is one SDPA result and `select(t)` the view of any (B, H, N, D) tensor
+    `t` that holds the same queries in the same order, shaped like `out`. Callers either concatenate the
+    pieces (`bna_strided`) or write a mix of them straight into one output (`assa_strided`).
+    """
     gqa = _check_gqa(q, k, v)
     b, h, n, d = q.shape
     check_bna_args(n, num_blocks, radius)
     width = 2 * radius + 1
     if width == num_blocks:  # a single window holds every token: plain attention
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return [(F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), lambda t: t)]
     hkv = k.shape[1]
     size = n // num_blocks
     window = width * size
@@ -69,28 +74,62 @@ def bna_strided(q, k, v, num_blocks: int, radius: int):
     k_edge = k3.unfold(1, window, last_start).permute(1, 0, 3, 2)
     v_edge = v3.unfold(1, window, last_start).permute(1, 0, 3, 2)
     out_edge = F.scaled_dot_product_attention(q_edge, k_edge, v_edge, enable_gqa=gqa)
-
+    pieces = [
+        (out_edge[0].unflatten(0, (b, h)), lambda t: t[:, :, :edge]),
+        (out_edge[1].unflatten(0, (b, h)), lambda t: t[:, :, n - edge :]),
+    ]
     interior = num_blocks - 2 * (radius + 1)
-    if interior == 0:
-        out = torch.cat([out_edge[0], out_edge[1]], dim=1)
-    else:
+    if interior:
         # Interior block j (r+1 <= j < nb-r-1) reads window j-r, i.e. tokens [(j-r)*size, (j+r+1)*size):
         # a sliding window of stride `size` over tokens [size, n - size).
         q_mid = q3[:, edge : n - edge].unflatten(1, (interior, size)).transpose(0, 1)
         k_mid = k3[:, size : n - size].unfold(1, window, size).permute(1, 0, 3, 2)
         v_mid = v3[:, size : n - size].unfold(1, window, size).permute(1, 0, 3, 2)
-        out_mid = F.scaled_dot_product_attention(q_mid, k_mid, v_mid, enable_gqa=gqa)
-        out_mid = out_mid.transpose(0, 1).reshape(b * h, interior * size, d)
-        out = torch.cat([out_edge[0], out_mid, out_edge[1]], dim=1)
-    return out.view(b, h, n, d)
+        out_mid = F.scaled_dot_product_attention(q_mid, k_mid, v_mid, enable_gqa=gqa)  # (interior, b*h, size, d)
+        select_mid = lambda t: t[:, :, edge : n - edge].unflatten(2, (interior, size)).permute(2, 0, 1, 3, 4)
+        pieces.insert(1, (out_mid.unflatten(1, (b, h)), select_mid))
+    return pieces
+
+
+def _token_major(pieces) -> list:
+    """Each piece as (B, H, tokens, D), in token order (undoes the window-major layout of the middle)."""
+    out = []
+    for piece, _ in pieces:
+        if piece.dim() == 5:  # (interior, b, h, size, d) -> (b, h, interior * size, d)
+            piece = piece.permute(1, 2, 0, 3, 4).flatten(2, 3)
+        out.append(piece)
+    return out
+
+
+def bna_strided(q, k, v, num_blocks: int, radius: int):
+    """BNA without materialising neighbour copies: SDPA over `unfold` views of k and v."""
+    pieces = _token_major(_bna_strided_pieces(q, k, v, num_blocks, radius))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 def assa_strided(q, k, v, k_compressed, v_compressed, gate, num_blocks: int, radius: int):
-    """ASSA = lerp(local, global, gate) with the strided local branch and a GQA-native global branch."""
+    """ASSA = lerp(local, global, gate) with the strided local branch and a GQA-native global branch.
+
+    Without gradients the mix is written piece by piece straight into one output whose memory is
+    (B, N, H, D) (returned as the (B, H, N, D) view): no concatenation of the local pieces, no copy of
+    the middle piece back to token order, and the caller's transpose(1, 2).reshape(B, N, H * D) is a
+    view. Same elementwise `lerp` on the same numbers, so the same result to the bit. With gradients the
+    pieces are concatenated and mixed by one differentiable `lerp` (`out=` has no autograd).
+    """
     gqa = _check_gqa(q, k_compressed, v_compressed)
     glob = F.scaled_dot_product_attention(q, k_compressed, v_compressed, enable_gqa=gqa)
-    local = bna_strided(q, k, v, num_blocks, radius)
-    return torch.lerp(local, glob, gate.to(local.dtype))  # gate*glob + (1-gate)*local, one fused op
+    pieces = _bna_strided_pieces(q, k, v, num_blocks, radius)
+    dtype = pieces[0][0].dtype
+    tensors = (q, k, v, k_compressed, v_compressed, gate)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        local = torch.cat(_token_major(pieces), dim=2) if len(pieces) > 1 else pieces[0][0]
+        return torch.lerp(local, glob, gate.to(dtype))  # gate*glob + (1-gate)*local, one fused op
+    b, h, n, d = q.shape
+    out = torch.empty((b, n, h, d), dtype=dtype, device=q.device).transpose(1, 2)
+    gate = gate.to(dtype).expand(b, h, n, d)
+    for local, select in pieces:
+        torch.lerp(local, select(glob), select(gate), out=select(out))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
