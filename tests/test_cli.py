@@ -95,6 +95,18 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
     assert 0.0 <= result["overall"] <= 1.0 and result["resolution"] == 16
     assert set(result["categories"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
 
+    # palettize the trained pipeline: trajectory calibration, LUT fine-tuning, PSNR and ShapesEval vs fp32
+    out_dir = tmp_path / "pal4"
+    assert main(["quantize", str(run), "--scheme", "palettize4", "-o", str(out_dir), "--calibration-prompts", "2",
+                 "--eval-steps", "2", "--finetune-steps", "2", "--finetune-luts", "--eval", "--eval-images", "2",
+                 "--shapes-eval", "--shapes-eval-images", "1"]) == 0
+    summary = json.loads((out_dir / "quantize_report.json").read_text())
+    assert 4.0 < summary["average_bits"] <= 4.3 and summary["file_bytes"] < summary["fp32_param_bytes"] / 4
+    assert summary["image_psnr_db"] > 5.0
+    assert 0.0 <= summary["shapes_eval_quantized"] <= 1.0 and summary["shapes_eval_images_per_prompt"] == 1
+    assert set(summary["shapes_eval_fp32_categories"]) == set(result["categories"])
+    assert main(["generate", "a red circle", "-m", str(out_dir), "-o", str(image), "--steps", "2"]) == 0
+
 
 def test_generate_from_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "x", "-m", str(tmp_path / "none"), "-o", str(tmp_path / "o.png")]) == 2

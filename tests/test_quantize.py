@@ -86,6 +86,34 @@ def test_choose_layer_bits_respects_budget_and_promotes_most_sensitive():
     assert avg <= 4.5
 
 
+def test_choose_layer_bits_per_bit_prefers_error_per_weight():
+    numels = {"big": 400, "s1": 100, "s2": 100, "rest": 1400}
+    sens = {"big": 4.0, "s1": 3.0, "s2": 2.0, "rest": 0.1}
+    # budget 0.8 * 2000 = 1600 extra bits: by sensitivity, "big" comes first and takes all of it (1600);
+    # per bit (s1 0.03, s2 0.02, big 0.01 per weight), s1 and s2 come first (800) and big no longer fits
+    assert Q.choose_layer_bits(sens, numels, 4, 8, 4.8) == {"big": 8, "rest": 4, "s1": 4, "s2": 4}
+    assert Q.choose_layer_bits(sens, numels, 4, 8, 4.8, per_bit=True) == {"big": 4, "rest": 4, "s1": 8, "s2": 8}
+
+
+def test_model_output_sensitivity_is_the_error_of_quantizing_that_layer_alone(model, calibration):
+    q = copy.deepcopy(model)
+    layers = Q.palettizable_layers(q)
+    names = ["patch_embed", "final_layer.linear", "down_blocks.0.ff.fc1"]
+    palettes = {n: Q.palettize_weight(layers[n].weight, 2) for n in names}
+    before = {n: p.clone() for n, p in q.state_dict().items()}
+    sens = Q.layer_sensitivity(q, calibration, palettes, metric="model_output")
+    assert set(sens) == set(names)
+    for n, p in q.state_dict().items():  # every weight restored
+        assert torch.equal(p, before[n]), n
+    ref = outputs(q, calibration)
+    name = "down_blocks.0.ff.fc1"
+    layers[name].weight.data.copy_(palettes[name].dequantize())
+    got = outputs(q, calibration)
+    expected = sum((g - r).double().pow(2).sum() for g, r in zip(got, ref)) / sum(r.double().pow(2).sum() for r in ref)
+    assert sens[name] == pytest.approx(expected.item(), rel=1e-6)
+    assert all(v > 0 for v in sens.values())
+
+
 def test_palettized_model_meets_bit_budget_and_stays_close(model, calibration, palettized):
     q, report = palettized
     assert 4.0 < report.average_bits <= 4.3
@@ -94,11 +122,9 @@ def test_palettized_model_meets_bit_budget_and_stays_close(model, calibration, p
     assert set(report.layer_bits) == set(layers)
     for name, module in layers.items():
         assert module.weight.unique().numel() <= 2 ** report.layer_bits[name], name
-    # bits follow the sensitivity ranking: the most sensitive layer that fits the whole budget is 8-bit
-    assert Q.choose_layer_bits(report.sensitivity, report.numels, 4, 8, 4.3) == report.layer_bits
-    total = sum(report.numels.values())
-    fits = [n for n in report.numels if 4 * report.numels[n] <= 0.3 * total]
-    assert report.layer_bits[max(fits, key=report.sensitivity.get)] == 8
+    # bits follow the model-output sensitivity per weight: the layer with the most error per weight is 8-bit
+    assert Q.choose_layer_bits(report.sensitivity, report.numels, 4, 8, 4.3, per_bit=True) == report.layer_bits
+    assert report.layer_bits[max(report.numels, key=lambda n: report.sensitivity[n] / report.numels[n])] == 8
     ref, got = outputs(model, calibration), outputs(q, calibration)
     assert min(Q.psnr(g, r) for g, r in zip(got, ref)) > 25.0
 
@@ -127,6 +153,33 @@ def test_self_distillation_lowers_error_and_keeps_palettes(model, calibration, p
     for name, module in Q.palettizable_layers(q).items():
         assert torch.equal(module.weight, before[name]), f"{name} palettized weight changed"
     assert all(p.requires_grad for p in q.parameters())  # flags restored
+
+
+def test_self_distillation_with_luts_trains_palette_values_only(tmp_path, model, calibration, palettized):
+    q = copy.deepcopy(palettized[0])
+    before = {n: (m.palettized_weight.lut.clone(), m.palettized_weight.indices.clone()) for n, m in Q.palettizable_layers(q).items()}
+    err_before = sum(F_mse(g, r) for g, r in zip(outputs(q, calibration), outputs(model, calibration)))
+    losses = Q.self_distill_(q, model, calibration, steps=12, lr=1e-3, train_luts=True, progress=False)
+    err_after = sum(F_mse(g, r) for g, r in zip(outputs(q, calibration), outputs(model, calibration)))
+    assert err_after < err_before, (err_before, err_after)
+    changed = 0
+    for name, module in Q.palettizable_layers(q).items():
+        pw = module.palettized_weight
+        lut, idx = before[name]
+        assert torch.equal(pw.indices, idx), f"{name}: indices must not change"
+        assert pw.lut.shape == lut.shape
+        assert torch.equal(pw.lut, pw.lut.half().float()), f"{name}: LUT not fp16-representable"
+        assert torch.equal(module.weight, pw.dequantize()), f"{name}: weight out of sync with its LUT"
+        changed += not torch.equal(pw.lut, lut)
+    assert changed > len(before) // 2
+    assert len(losses) == 12
+    Q.save_quantized(q, tmp_path / "ft")
+    for a, b in zip(outputs(q, calibration), outputs(Q.load_quantized(tmp_path / "ft"), calibration)):
+        assert torch.equal(a, b)
+
+
+def F_mse(a, b):
+    return (a - b).double().pow(2).mean().item()
 
 
 @pytest.mark.parametrize("scheme,min_psnr", [("int8", 40.0), ("8da4w", 25.0)])

@@ -281,6 +281,7 @@ class PocketDiTPipeline:
     def _from_pipeline_dir(cls, d: Path, device=None):
         from .autoencoder import load_autoencoder
         from .model import PocketDiT
+        from .quantize import QUANT_CONFIG_NAME, load_quantized
         from .text import build_text_conditioner
 
         try:
@@ -292,7 +293,10 @@ class PocketDiTPipeline:
                 raise ValueError(f"{d / PIPELINE_FILE} has no {key!r} entry")
         if not (d / "transformer" / "config.json").is_file():
             raise FileNotFoundError(f"{d / 'transformer'} is missing (expected config.json + safetensors weights)")
-        transformer = PocketDiT.from_pretrained(str(d / "transformer"))
+        if (d / "transformer" / QUANT_CONFIG_NAME).is_file():  # written by `pocketdit quantize`
+            transformer = load_quantized(d / "transformer")
+        else:
+            transformer = PocketDiT.from_pretrained(str(d / "transformer"))
         ae_spec = meta["autoencoder"]
         ae = load_autoencoder(str(d / ae_spec[2:]) if ae_spec.startswith("./") else ae_spec)
         text = build_text_conditioner(meta["text_encoders"], dropout_probs=0.0, max_lengths=meta.get("text_max_lengths"))

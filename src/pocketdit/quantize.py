@@ -72,6 +72,9 @@ def _check_fields(cls, values: dict):
         raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
 
 
+SENSITIVITY_METRICS = ("model_output", "relative_mse", "mse")
+
+
 @dataclass
 class PalettizeConfig:
     """k-means weight palettization of every Linear and Conv layer.
@@ -81,7 +84,12 @@ class PalettizeConfig:
         sensitivity while the average allows (= nbits: no layer is promoted, no calibration needed).
     granularity: "per_tensor" (one LUT per weight, the paper's) or "per_grouped_channel" (one LUT per
         `group_size` output channels; a layer whose output channels are not a multiple gets one LUT).
-    sensitivity: "relative_mse" (output MSE / output mean square, comparable across layers) or "mse".
+    sensitivity: how a layer's damage is scored when it alone is palettized to nbits.
+        "model_output": relative MSE of the whole model's output (velocity) on the calibration inputs; the
+            errors of different layers then add up, so layers are promoted in order of error removed per
+            extra bit (a knapsack greedy). One forward pass per layer and calibration batch.
+        "relative_mse": the paper's: MSE of the layer's own output / its mean square, layers promoted in
+            order of that score. "mse": the same without the normalisation.
     skip: substrings of module names to leave in floating point.
     """
 
@@ -90,7 +98,7 @@ class PalettizeConfig:
     target_avg_bits: float = 4.3
     granularity: str = "per_tensor"
     group_size: Optional[int] = None
-    sensitivity: str = "relative_mse"
+    sensitivity: str = "model_output"
     skip: tuple = ()
 
     def __post_init__(self):
@@ -106,8 +114,8 @@ class PalettizeConfig:
             raise ValueError(f"granularity must be 'per_tensor' or 'per_grouped_channel', got {self.granularity!r}")
         if (self.granularity == "per_grouped_channel") != (self.group_size is not None):
             raise ValueError("group_size is required with granularity='per_grouped_channel' and only then")
-        if self.sensitivity not in ("relative_mse", "mse"):
-            raise ValueError(f"sensitivity must be 'relative_mse' or 'mse', got {self.sensitivity!r}")
+        if self.sensitivity not in SENSITIVITY_METRICS:
+            raise ValueError(f"sensitivity must be one of {SENSITIVITY_METRICS}, got {self.sensitivity!r}")
         self.skip = tuple(self.skip)
 
 
@@ -325,15 +333,41 @@ def layer_sensitivity(
     model: nn.Module,
     calibration: Iterable[dict],
     palettes: dict[str, PalettizedWeight],
-    metric: str = "relative_mse",
+    metric: str = "model_output",
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Per layer: MSE between its output with the palettized weight and with its own weight (paper Supp. C).
+    """Per layer: the error caused by palettizing that layer alone (paper Supp. C), on the calibration inputs.
 
-    Each layer is measured alone on the inputs it sees in the unquantized model. "relative_mse" divides by
-    the mean square of the unquantized output so layers of different scale compare fairly. A layer whose
-    forward is never called (its weight used directly) is scored by the error of its weight instead.
+    "model_output": MSE of the model's output with only this layer palettized, divided by the output's
+    mean square — what the layer's quantization costs downstream, so layers at the ends of the network
+    (patch embedding, final projection, timestep MLP) that a local score underrates show up. One forward
+    pass per layer and batch.
+
+    "relative_mse" / "mse" (the paper's): MSE between the layer's own output with the palettized weight and
+    with its own weight, on the inputs it sees in the unquantized model; "relative_mse" divides by the mean
+    square of the unquantized output so layers of different scale compare fairly. A layer whose forward is
+    never called (its weight used directly) is scored by the error of its weight instead.
     """
+    if metric not in SENSITIVITY_METRICS:
+        raise ValueError(f"metric must be one of {SENSITIVITY_METRICS}, got {metric!r}")
     layers = {n: m for n, m in palettizable_layers(model).items() if n in palettes}
+    calibration = list(calibration)
+    from tqdm.auto import tqdm
+
+    if metric == "model_output":
+        refs = [model(**b).sample for b in calibration]
+        ref_sq = sum(r.double().pow(2).sum().item() for r in refs)
+        out = {}
+        for name, module in tqdm(layers.items(), desc="sensitivity", disable=not progress, leave=False):
+            original = module.weight.data.clone()
+            module.weight.data.copy_(palettes[name].dequantize().to(original.dtype))
+            try:
+                err = sum((model(**b).sample - r).double().pow(2).sum().item() for b, r in zip(calibration, refs))
+            finally:
+                module.weight.data.copy_(original)
+            out[name] = err / max(ref_sq, 1e-30)
+        return out
+
     inputs = _capture_inputs(model, layers, calibration)
     out = {}
     for name, module in layers.items():
@@ -356,13 +390,24 @@ def layer_sensitivity(
 
 
 def choose_layer_bits(
-    sensitivity: dict[str, float], numels: dict[str, int], nbits: int, high_nbits: int, target_avg_bits: float
+    sensitivity: dict[str, float],
+    numels: dict[str, int],
+    nbits: int,
+    high_nbits: int,
+    target_avg_bits: float,
+    per_bit: bool = False,
 ) -> dict[str, int]:
-    """Promote the most sensitive layers to high_nbits while the weighted average stays <= target."""
+    """Promote sensitive layers to high_nbits while the weighted average stays <= target.
+
+    per_bit=False: in order of sensitivity (the paper's rule). per_bit=True: in order of sensitivity per
+    weight, i.e. error removed per extra bit spent — the better greedy when sensitivities add up (model-output
+    errors), since one large layer can otherwise use the budget of many small, more damaging ones.
+    """
     total = sum(numels.values())
     bits = {n: nbits for n in numels}
     budget = target_avg_bits * total - nbits * total  # extra bits we may spend
-    for name in sorted(sensitivity, key=sensitivity.get, reverse=True):
+    key = (lambda n: sensitivity[n] / numels[n]) if per_bit else sensitivity.get
+    for name in sorted(sensitivity, key=key, reverse=True):
         extra = (high_nbits - nbits) * numels[name]
         if extra <= budget + 1e-9:
             bits[name] = high_nbits
@@ -433,8 +478,11 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
                 "pass calibration=... (e.g. pocketdit.quantize.random_calibration(model)) or set target_avg_bits=nbits"
             )
         calibration = list(calibration)
-        sensitivity = layer_sensitivity(model, calibration, low, config.sensitivity)
-        bits = choose_layer_bits(sensitivity, numels, config.nbits, config.high_nbits, config.target_avg_bits)
+        sensitivity = layer_sensitivity(model, calibration, low, config.sensitivity, progress=progress)
+        bits = choose_layer_bits(
+            sensitivity, numels, config.nbits, config.high_nbits, config.target_avg_bits,
+            per_bit=config.sensitivity == "model_output",
+        )
     high = palettize_all([n for n, b in bits.items() if b != config.nbits], config.high_nbits, f"k-means {config.high_nbits}-bit")
     palettes = {**low, **high}
     for name, module in layers.items():
@@ -456,42 +504,73 @@ def self_distill_(
     calibration: Sequence[dict],
     steps: int = 200,
     lr: float = 1e-4,
+    train_luts: bool = False,
     progress: bool = True,
 ) -> list[float]:
-    """Fine-tune the student's non-palettized parameters to match the teacher's velocity (paper Supp. C).
+    """Fine-tune the palettized student to match the unquantized teacher's velocity (paper Supp. C).
 
-    Palettized weights stay frozen (they must keep their LUT values); biases, norms, modulation tables and
-    any layer left in float are trained with MSE to the unquantized teacher on the calibration batches.
-    Returns the loss per step.
+    Biases, norms, modulation tables and any layer left in float are trained with MSE to the teacher on the
+    calibration batches. Palettized weights keep their indices; with train_luts=False (the paper's recipe)
+    they are frozen, with train_luts=True their LUT entries are trained too (each weight is lut[index], so
+    the gradient of an entry is the sum over the weights that use it) and rounded to fp16 at the end; the
+    model stays a valid palettized model with the same number of values per layer. Returns the loss per step.
     """
-    palettized = {id(m.weight) for m in student.modules() if hasattr(m, "palettized_weight")}
+    from torch.func import functional_call
+
+    layers = {n: m for n, m in student.named_modules() if hasattr(m, "palettized_weight")}
+    palettized = {id(m.weight) for m in layers.values()}
     trainable = [p for p in student.parameters() if id(p) not in palettized]
-    if not trainable:
-        raise ValueError("nothing to fine-tune: every parameter is palettized")
+    luts = {}
+    if train_luts:
+        luts = {n: nn.Parameter(m.palettized_weight.lut.clone()) for n, m in layers.items()}
+    if not trainable and not luts:
+        raise ValueError("nothing to fine-tune: every parameter is palettized (pass train_luts=True)")
     flags = {id(p): p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(id(p) not in palettized)
     teacher.eval()
     with torch.no_grad():
         targets = [teacher(**b).sample for b in calibration]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    index_views = {n: m.palettized_weight.indices.long().reshape(m.palettized_weight.lut.shape[0], -1) for n, m in layers.items()}
+
+    def weights_from_luts():
+        return {
+            f"{n}.weight": torch.gather(lut, 1, index_views[n]).reshape(layers[n].weight.shape).to(layers[n].weight.dtype)
+            for n, lut in luts.items()
+        }
+
+    opt = torch.optim.AdamW(trainable + list(luts.values()), lr=lr, weight_decay=0.0)
+    # cosine decay to zero: the last steps settle instead of oscillating around the fp32 targets
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps)))
     losses = []
     from tqdm.auto import tqdm
 
     was_training = student.training
     student.train()
     bar = tqdm(range(steps), desc="self-distillation", disable=not progress, leave=False)
-    for step in bar:
-        i = step % len(calibration)
-        loss = F.mse_loss(student(**calibration[i]).sample, targets[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3g}")
-    student.train(was_training)
-    for p in student.parameters():
-        p.requires_grad_(flags[id(p)])
+    try:
+        for step in bar:
+            i = step % len(calibration)
+            if luts:
+                out = functional_call(student, weights_from_luts(), args=(), kwargs=calibration[i], strict=False)
+            else:
+                out = student(**calibration[i])
+            loss = F.mse_loss(out.sample, targets[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3g}")
+    finally:
+        student.train(was_training)
+        for p in student.parameters():
+            p.requires_grad_(flags[id(p)])
+        with torch.no_grad():  # fp16 LUTs (what every runtime stores), and the dense weights to match
+            for n, lut in luts.items():
+                pw = layers[n].palettized_weight
+                pw.lut = lut.detach().half().float()
+                layers[n].weight.data.copy_(pw.dequantize().to(layers[n].weight.dtype))
     return losses
 
 

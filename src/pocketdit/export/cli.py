@@ -41,11 +41,21 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=["trajectories", "random"], default="trajectories",
                    help="palettize4 inputs for sensitivity and fine-tuning: the fp32 model's own sampling trajectories "
                         "on ShapesEval prompts (needs a text encoder), or synthetic random inputs")
-    p.add_argument("--calibration-prompts", type=int, default=16, help="prompts used for trajectory calibration")
-    p.add_argument("--finetune-steps", type=int, default=0, help="palettize4: self-distillation steps of the non-palettized parameters")
-    p.add_argument("--lr", type=float, default=1e-4, help="self-distillation learning rate")
+    p.add_argument("--calibration-prompts", type=int, default=16,
+                   help="prompts used for trajectory calibration (disjoint from the --eval prompts)")
+    p.add_argument("--sensitivity", choices=["model_output", "relative_mse", "mse"], default="model_output",
+                   help="palettize4: how layers are ranked for high_nbits: the model output's error with that layer "
+                        "alone palettized (default), or the paper's error of the layer's own output")
+    p.add_argument("--sensitivity-batches", type=int, default=8,
+                   help="palettize4: calibration batches (evenly spaced) used to rank layers")
+    p.add_argument("--finetune-steps", type=int, default=0, help="palettize4: self-distillation steps after palettization")
+    p.add_argument("--finetune-luts", action="store_true",
+                   help="palettize4: also train the LUT entries (indices fixed) during self-distillation")
+    p.add_argument("--lr", type=float, default=1e-4, help="self-distillation peak learning rate (cosine decay)")
     p.add_argument("--eval", action="store_true", help="measure image PSNR vs fp32 (and ShapesEval with --shapes-eval)")
     p.add_argument("--shapes-eval", action="store_true", help="also score fp32 and quantized with ShapesEval (slow)")
+    p.add_argument("--shapes-eval-images", type=int, default=4,
+                   help="ShapesEval images per prompt (same seeds for fp32 and quantized)")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps for evaluation (default: the pipeline's)")
     p.add_argument("--eval-images", type=int, default=16, help="images for the PSNR comparison")
     p.add_argument("--seed", type=int, default=0)
@@ -95,12 +105,14 @@ def trajectory_calibration(pipe, prompts: Sequence[str], num_steps: int, seed: i
     return batches
 
 
-def _eval_prompts(n: int) -> list[str]:
+def _eval_prompts(n: int, calibration: bool = False) -> list[str]:
+    """n ShapesEval prompts spread over the categories; calibration=True picks a disjoint set (the next
+    prompt after each evaluation prompt), so quantization is not tuned on the prompts it is judged on."""
     from ..evaluate.shapes_eval import load_prompts
 
     prompts = [p["prompt"] for p in load_prompts()]
-    step = max(1, len(prompts) // n)
-    return prompts[::step][:n]
+    step = max(2, len(prompts) // n)
+    return prompts[int(calibration) :: step][:n]
 
 
 def _images(pipe, transformer, prompts, steps, seed):
@@ -112,7 +124,7 @@ def _images(pipe, transformer, prompts, steps, seed):
         pipe.transformer = original
 
 
-def _shapes_eval(pipe, transformer, steps, seed) -> float:
+def _shapes_eval(pipe, transformer, steps, seed, images_per_prompt: int = 1) -> dict:
     from ..evaluate.shapes_eval import evaluate_generator
 
     size = pipe.default_size or 32
@@ -125,7 +137,7 @@ def _shapes_eval(pipe, transformer, steps, seed) -> float:
         finally:
             pipe.transformer = original
 
-    return evaluate_generator(generate, size, images_per_prompt=1, seed=seed)["overall"]
+    return evaluate_generator(generate, size, images_per_prompt=images_per_prompt, seed=seed)
 
 
 def quantize_command(argv: Sequence[str]) -> int:
@@ -148,12 +160,14 @@ def quantize_command(argv: Sequence[str]) -> int:
     overrides = {}
     calibration = None
     if args.scheme == "palettize4":
-        overrides = dict(nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits)
+        overrides = dict(
+            nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits, sensitivity=args.sensitivity
+        )
         if args.lut_group_channels:
             overrides.update(granularity="per_grouped_channel", group_size=args.lut_group_channels)
         if args.calibration == "trajectories" and pipe is not None:
             steps = args.eval_steps or pipe.default_steps
-            calibration = trajectory_calibration(pipe, _eval_prompts(args.calibration_prompts), steps, args.seed)
+            calibration = trajectory_calibration(pipe, _eval_prompts(args.calibration_prompts, calibration=True), steps, args.seed)
             print(f"calibration: {len(calibration)} batches from {steps}-step fp32 trajectories on {args.calibration_prompts} ShapesEval prompts")
         else:
             if args.calibration == "trajectories":
@@ -163,13 +177,17 @@ def quantize_command(argv: Sequence[str]) -> int:
         overrides = dict(group_size=args.group_size)
     try:
         config = Q.config_for_scheme(args.scheme, **overrides)
-        report = Q.quantize_(quantized, config, calibration=calibration)
+        ranking = calibration
+        if calibration is not None and len(calibration) > args.sensitivity_batches:
+            every = len(calibration) / args.sensitivity_batches
+            ranking = [calibration[int(i * every)] for i in range(args.sensitivity_batches)]
+        report = Q.quantize_(quantized, config, calibration=ranking)
     except ValueError as e:
         return _fail(str(e))
     if args.finetune_steps:
         if args.scheme != "palettize4":
             return _fail("--finetune-steps applies to palettize4 only")
-        losses = Q.self_distill_(quantized, fp32, calibration, steps=args.finetune_steps, lr=args.lr)
+        losses = Q.self_distill_(quantized, fp32, calibration, steps=args.finetune_steps, lr=args.lr, train_luts=args.finetune_luts)
         print(f"self-distillation: {args.finetune_steps} steps, loss {losses[0]:.4g} -> {sum(losses[-10:]) / len(losses[-10:]):.4g}")
     quantized._pocketdit_quantization.setdefault("report", report.to_dict() if report else {})
     out = Path(args.output)
@@ -196,8 +214,11 @@ def quantize_command(argv: Sequence[str]) -> int:
         summary["image_psnr_db"] = round(Q.psnr(got, ref, peak=2.0), 2)
         summary["eval_steps"] = steps
         if args.shapes_eval:
-            summary["shapes_eval_fp32"] = round(_shapes_eval(pipe, fp32, steps, args.seed), 4)
-            summary["shapes_eval_quantized"] = round(_shapes_eval(pipe, quantized, steps, args.seed), 4)
+            for name, m in (("fp32", fp32), ("quantized", quantized)):
+                result = _shapes_eval(pipe, m, steps, args.seed, args.shapes_eval_images)
+                summary[f"shapes_eval_{name}"] = round(result["overall"], 4)
+                summary[f"shapes_eval_{name}_categories"] = {k: round(v, 4) for k, v in result["categories"].items()}
+            summary["shapes_eval_images_per_prompt"] = args.shapes_eval_images
     (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} ({_mb(meta['file_size_bytes'])} weights vs {_mb(fp32_bytes)} fp32)")
