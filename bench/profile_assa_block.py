@@ -8,7 +8,9 @@ Builds one `PocketDiTBlock` of the `small` preset (1024 wide, 16 heads x 64, 8 k
 attention to 77 + 77 + 1 text tokens of width 1344, 16 blocks, radius 1) once with ASSA and once with dense
 attention (same weights where they share them), times their forward passes interleaved (no grad, like
 bench/denoiser.py) and reports the measured ratio against the FLOP ratio (`pocketdit.profiling`, counted
-on the meta device). `--part attn` times only the self-attention layer. With profiling on, one extra
+on the meta device), with wall-clock and process CPU seconds per round (on a shared machine the CPU seconds
+are the steadier of the two). `--part attn` times only the self-attention layer; `--mlp-ratio 3 --side 64`
+is a Middle block. With profiling on, one extra
 forward of each runs under torch.profiler and the top ops by self CPU time are printed with their shapes.
 """
 
@@ -34,10 +36,11 @@ SMALL = dict(dim=1024, num_heads=16, num_kv_heads=8, head_dim=64, mlp_ratio=4.0,
 TEXT_TOKENS = 77 + 77 + 1
 
 
-def build(kind: str, device="cpu", seed=0):
+def build(kind: str, device="cpu", seed=0, mlp_ratio=None):
     torch.manual_seed(seed)
+    cfg = dict(SMALL, mlp_ratio=mlp_ratio or SMALL["mlp_ratio"])
     with torch.device(device):
-        blk = PocketDiTBlock(attention_type=kind, **SMALL).eval()
+        blk = PocketDiTBlock(attention_type=kind, **cfg).eval()
     if kind == "assa":  # a trained-looking gate (zero-init would make it constant; the cost is the same)
         with torch.no_grad():
             torch.nn.init.normal_(blk.attn.gate.weight, std=0.02)
@@ -66,8 +69,8 @@ def call(blk, args, part: str):
     return blk(*args)
 
 
-def flops(kind: str, side: int, part: str):
-    blk = build(kind, device="meta")
+def flops(kind: str, side: int, part: str, mlp_ratio=None):
+    blk = build(kind, device="meta", mlp_ratio=mlp_ratio)
     args = inputs(side, device="meta")
     return count_flops(call, blk, args, part)
 
@@ -78,13 +81,14 @@ def main(argv=None):
     p.add_argument("--part", choices=("block", "attn"), default="block")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mlp-ratio", type=float, default=None, help="FFN ratio (small: 4 in Down/Up, 3 in Middle)")
     p.add_argument("--backend", default="auto", help="ASSA backend (attention.backends)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--rows", type=int, default=14, help="profile rows per model")
     a = p.parse_args(argv)
     setup_threads(a.threads)
 
-    fl = {k: flops(k, a.side, a.part) for k in ("assa", "dense")}
+    fl = {k: flops(k, a.side, a.part, a.mlp_ratio) for k in ("assa", "dense")}
     bound = fl["dense"].total / fl["assa"].total
     print(f"{a.side}x{a.side} = {a.side ** 2} tokens, part={a.part}, threads={torch.get_num_threads()}, "
           f"load {load_average()}")
@@ -93,21 +97,24 @@ def main(argv=None):
               f"total {f.total / 1e9:7.1f} G")
     print(f"  FLOP bound dense/assa: {bound:.3f}x")
 
-    blocks = {k: build(k) for k in ("assa", "dense")}
+    blocks = {k: build(k, mlp_ratio=a.mlp_ratio) for k in ("assa", "dense")}
     blocks["assa"].attn.backend = a.backend
     args = inputs(a.side)
     times = {k: [] for k in blocks}
+    cpu = {k: [] for k in blocks}  # process CPU time (all threads): less swayed by co-tenants than wall time
     with torch.no_grad():
         for k, blk in blocks.items():  # warm-up
             call(blk, args, a.part)
         for _ in range(a.repeats):
             for k, blk in blocks.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 call(blk, args, a.part)
                 times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
-        print(f"  {k:5s}: median {med[k]:.3f} s  rounds {' '.join(f'{s:.3f}' for s in v)}")
+        print(f"  {k:5s}: median {med[k]:.3f} s  rounds {' '.join(f'{s:.3f}' for s in v)}  "
+              f"(CPU s: {' '.join(f'{s:.2f}' for s in cpu[k])})")
     ratio = med["dense"] / med["assa"]
     print(f"  measured dense/assa: {ratio:.3f}x = {ratio / bound:.3f} of the FLOP bound "
           f"(load after: {load_average()})")
