@@ -170,3 +170,111 @@ def test_cli_quantize_and_export(tmp_path, capsys):
     assert "denoiser: PSNR" in capsys.readouterr().out
     assert export_command([str(tmp_path / "missing"), "--format", "onnx", "--resolution", "16"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# ExecuTorch: rewrites that keep the graph inside the XNNPACK delegate
+# ----------------------------------------------------------------------------------------------------
+# Ops that ran outside XNNPACK before the rewrites (in ExecuTorch's portable kernels, each cutting the graph).
+_PORTABLE_ONLY = ("aten_index_tensor", "aten_expand_copy_default", "aten_where_self", "aten_any_dim", "aten_mean_dim",
+                  "aten_select_copy_int", "aten_unsqueeze_copy_default", "aten_squeeze_copy_dims", "aten_logical_not_default",
+                  "aten_eq_scalar", "aten_mul_scalar")
+
+
+class _AttentionOps(torch.nn.Module):
+    """Every op kind the XNNPACK rewrites handle: adaLN-style unbind + [:, None], decomposed LayerNorm (mean
+    over the last dim), GQA (expand), blockwise-neighbourhood gather with a constant index, SDPA with a
+    boolean mask, a cat listing one tensor twice."""
+
+    def __init__(self):
+        super().__init__()
+        from pocketdit.export.graphs import DecomposedLayerNorm
+
+        torch.manual_seed(0)
+        self.norm = DecomposedLayerNorm(torch.nn.LayerNorm(16))
+        self.q, self.kv, self.out = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(32, 16)
+
+    def forward(self, x, mod, mask):
+        from pocketdit.attention.functional import attention, bna_reference
+
+        shift, scale = mod.unbind(1)
+        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        q = self.q(h).view(1, 16, 4, 4).transpose(1, 2)
+        kv = self.kv(h).view(1, 16, 2, 8).transpose(1, 2)
+        k, v = kv[..., :4], kv[..., 4:]
+        y = bna_reference(q, k, v, num_blocks=4, radius=1) + attention(q, k, v, (mask > 0.5)[:, None, None, :])
+        y = y.transpose(1, 2).reshape(1, 16, 16)
+        return self.out(torch.cat([y, y], dim=-1))
+
+
+def _attention_ops_spec(seed=0):
+    from pocketdit.export.graphs import GraphSpec
+
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(1, 16, generator=g) > 0.5).float()
+    mask[:, 0] = 1.0  # SDPA and its rewrite differ only on rows with every key masked
+    inputs = (torch.randn(1, 16, 16, generator=g), torch.randn(1, 2, 16, generator=g), mask)
+    return GraphSpec("ops", _AttentionOps().eval(), inputs, ["x", "mod", "text_mask_0"], ["y"])
+
+
+def test_sdpa_as_matmuls_matches_sdpa():
+    from pocketdit.export.executorch import sdpa_as_matmuls
+
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((4, 6), (2, 5), (2, 5)))
+    kf, vf = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    bool_mask = torch.rand(2, 1, 6, 5, generator=g) > 0.3
+    bool_mask[..., 0] = True
+    float_mask = torch.randn(2, 4, 6, 5, generator=g)
+    cases = [((q, kf, vf), {}), ((q, kf, vf), {"attn_mask": bool_mask}), ((q, kf, vf), {"attn_mask": float_mask}),
+             ((q, kf, vf), {"scale": 0.3}), ((q, kf[:, :, :5], vf), {"is_causal": True}), ((q, k, v), {"enable_gqa": True}),
+             ((q, k, v), {"enable_gqa": True, "attn_mask": bool_mask}), ((q, k, v), {"enable_gqa": True, "attn_mask": float_mask[0, 0]})]
+    for args, kwargs in cases:
+        torch.testing.assert_close(sdpa_as_matmuls(*args, **kwargs), F.scaled_dot_product_attention(*args, **kwargs),
+                                   atol=1e-5, rtol=1e-5, msg=str(kwargs))
+
+
+def test_xnnpack_friendly_ops_pass_keeps_values():
+    """The edge-dialect rewrite alone (no lowering): same outputs, and none of the ops it rewrites remain."""
+    from executorch.exir import to_edge
+
+    from pocketdit.export.executorch import XnnpackFriendlyOps, decompose_sdpa
+
+    spec = _attention_ops_spec()
+    with torch.no_grad():
+        program = decompose_sdpa(torch.export.export(spec.module, spec.example_inputs, strict=False))
+        edge = to_edge(program).exported_program()
+        targets = lambda: {str(n.target) for n in edge.graph.nodes if n.op == "call_function"}
+        assert any("index.Tensor" in t for t in targets()) and any("expand_copy" in t for t in targets())
+        assert XnnpackFriendlyOps()(edge).modified
+        left = targets()
+        for op in ("index.Tensor", "expand_copy", "select_copy", "unsqueeze_copy", "squeeze_copy", "where"):
+            assert not any(op in t for t in left), (op, sorted(left))
+        for seed in (1, 2):
+            inputs = _attention_ops_spec(seed).example_inputs
+            torch.testing.assert_close(edge.module()(*inputs), spec.module(*inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_executorch_rewrites_give_one_xnnpack_call_with_parity(tmp_path):
+    from pocketdit.export.executorch import ExecuTorchRunner, delegation_summary, lower_to_edge
+
+    spec = _attention_ops_spec()
+    plain = delegation_summary(lower_to_edge(spec, xnnpack_rewrites=False))
+    assert plain["delegate_calls"] > 1 and set(plain["ops_outside"]) & set(_PORTABLE_ONLY)  # what the rewrites fix
+    edge = lower_to_edge(spec)
+    summary = delegation_summary(edge)
+    assert summary["delegate_calls"] == 1, summary
+    assert not set(summary["ops_outside"]) & set(_PORTABLE_ONLY), summary
+    (tmp_path / "ops.pte").write_bytes(edge.to_executorch().buffer)
+    runner = ExecuTorchRunner(tmp_path / "ops.pte", threads=1)
+    par = check_graph(spec, runner, "executorch", min_psnr=80.0)
+    assert par.psnr >= 80.0
+
+
+def test_executorch_denoiser_is_one_xnnpack_call():
+    from pocketdit.export.executorch import delegation_summary, lower_to_edge
+
+    summary = delegation_summary(lower_to_edge(denoiser_spec(nano(depth_mid=0), 16)))
+    assert summary["delegate_calls"] == 1, summary
+    assert not set(summary["ops_outside"]) & set(_PORTABLE_ONLY), summary

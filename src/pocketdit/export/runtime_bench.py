@@ -82,6 +82,10 @@ def _worker(spec: dict) -> dict:
     import executorch.runtime  # noqa: F401  (import every runtime first so the baseline is the same for all)
     import onnxruntime  # noqa: F401
 
+    from .executorch import set_threads
+
+    set_threads(threads)  # ExecuTorch's pool (XNNPACK) otherwise takes every core, whatever --threads says
+
     baseline = _rss_mib()
     manifest = None
     if spec["format"] is None:
