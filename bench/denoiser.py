@@ -255,10 +255,10 @@ def main(argv=None):
     results, sections = {}, []
     big = [m for m in (args.big_models or args.models) if m in args.models]
     plan = [(res, args.models if res < args.big_resolution else big) for res in args.resolutions]
-    plan += [(res, pair) for res in args.ablation_resolutions]
+    plan += [(res, pair) for res in args.ablation_resolutions if res not in args.resolutions]
     not_run = [f"{m} at {res}²" for res in args.resolutions if res >= args.big_resolution for m in args.models if m not in big]
     if 2048 not in args.ablation_resolutions:
-        not_run.append("PocketDiT small vs small-dense at 2048²")
+        not_run.append("PocketDiT small vs small-dense at 2048² (in this run; measured alone with --section denoiser-ablation-2048)")
     for res, names in plan:
         args.repeats_now = args.big_repeats if (res >= args.big_resolution and args.big_repeats) else args.repeats
         rows = []
@@ -302,6 +302,10 @@ def main(argv=None):
                              f"-> PocketDiT small is {p['ms'] / small['ms']:.2f}x {'faster' if p['ms'] > small['ms'] else 'as fast (slower)'}; "
                              f"FLOPs {small['flops'].total / 1e12:.2f} vs {p['flops'].total / 1e12:.2f} TFLOP, "
                              f"DiT tokens {small['tokens']:,} vs {p['tokens']:,}")
+    timed_with = [m for m in args.interleave if m not in pair]
+    round_robin = (
+        [", ".join(["PocketDiT small", "small-dense"] + timed_with[:-1]), timed_with[-1]] if timed_with else ["PocketDiT small", "small-dense"]
+    )
     header = [
         f"### Denoiser: one step, PocketDiT vs peers ({args.device}, {args.dtype})",
         "",
@@ -309,13 +313,14 @@ def main(argv=None):
         f"- {versions('torch', 'diffusers')}; {threads} torch threads; {args.dtype}; batch 1; random weights",
         f"- text tokens: PocketDiT {POCKETDIT_TEXT_TOKENS} per encoder (2 encoders: 512-d and 2560-d), "
         f"PixArt-Sigma and SANA {PEER_TEXT_TOKENS}",
-        f"- started {started}; load average at start {load_start}, at end {load_average()} (machine shared with "
-        "other jobs: absolute times are noisy; PocketDiT small, small-dense and "
-        f"{', '.join(args.interleave)} are timed round-robin in one group, so their ratios are comparable)",
+        f"- started {started}; load average at start {load_start}, at end {load_average()} (absolute times move "
+        f"with the machine's load; {' and '.join(round_robin)} are timed round-robin in one group, so their ratios "
+        "are comparable)",
         "- peak activations: bytes of tensors created during one step (weights excluded), tracked per op",
         f"- command: `{command_line()}`",
         f"- timed rounds: {args.repeats or f'{args.min_repeats}-{args.max_repeats} (budget {args.budget:.0f} s per group)'}"
         + (f"; {args.big_repeats} at {args.big_resolution}² and above" if args.big_repeats else "")
+        + f"; a group stops after {args.max_group_seconds:.0f} s of timed rounds (the repeats column says how many ran)"
         + "; one untimed warm-up call per model first",
         *( [f"- not run (CPU time): {', '.join(not_run)}"] if not_run else [] ),
         "- configs: " + "; ".join(f"{s.name}: `{s.config}`" for s in all_specs.values() if s.name in args.models),
