@@ -98,7 +98,7 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
     # palettize the trained pipeline: trajectory calibration, LUT fine-tuning, PSNR and ShapesEval vs fp32
     out_dir = tmp_path / "pal4"
     assert main(["quantize", str(run), "--scheme", "palettize4", "-o", str(out_dir), "--calibration-prompts", "2",
-                 "--eval-steps", "2", "--finetune-steps", "2", "--finetune-luts", "--eval", "--eval-images", "2",
+                 "--eval-steps", "2", "--finetune-steps", "2", "--finetune-indices", "--eval", "--eval-images", "2",
                  "--shapes-eval", "--shapes-eval-images", "1"]) == 0
     summary = json.loads((out_dir / "quantize_report.json").read_text())
     assert 4.0 < summary["average_bits"] <= 4.3 and summary["file_bytes"] < summary["fp32_param_bytes"] / 4
@@ -106,6 +106,16 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
     assert 0.0 <= summary["shapes_eval_quantized"] <= 1.0 and summary["shapes_eval_images_per_prompt"] == 1
     assert set(summary["shapes_eval_fp32_categories"]) == set(result["categories"])
     assert main(["generate", "a red circle", "-m", str(out_dir), "-o", str(image), "--steps", "2"]) == 0
+
+    # calibration follows the guided sampler: a conditional and an unconditional (null text) call per step
+    from pocketdit.export.cli import _load_pipeline, trajectory_calibration
+
+    pipe, _ = _load_pipeline(str(run))
+    batches = trajectory_calibration(pipe, ["a red circle", "two squares"], num_steps=2, guidance_scale=2.0)
+    assert len(batches) == 4
+    assert all(b["encoder_attention_mask"].sum() > 0 for b in batches[0::2])
+    assert all(b["encoder_attention_mask"].sum() == 0 and b["encoder_hidden_states"].abs().sum() == 0 for b in batches[1::2])
+    assert torch.equal(batches[0]["hidden_states"], batches[1]["hidden_states"])
 
 
 def test_generate_from_missing_model_is_a_clear_error(tmp_path, capsys):

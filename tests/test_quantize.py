@@ -178,6 +178,35 @@ def test_self_distillation_with_luts_trains_palette_values_only(tmp_path, model,
         assert torch.equal(a, b)
 
 
+def test_self_distillation_with_indices_reassigns_weights_and_stays_palettized(tmp_path, model, calibration, palettized):
+    q = copy.deepcopy(palettized[0])
+    before = {n: m.palettized_weight.indices.clone() for n, m in Q.palettizable_layers(q).items()}
+    err_before = sum(F_mse(g, r) for g, r in zip(outputs(q, calibration), outputs(model, calibration)))
+    Q.self_distill_(q, model, calibration, steps=12, lr=3e-4, train_indices=True, progress=False)
+    err_after = sum(F_mse(g, r) for g, r in zip(outputs(q, calibration), outputs(model, calibration)))
+    assert err_after < err_before, (err_before, err_after)
+    moved = 0
+    for name, module in Q.palettizable_layers(q).items():
+        pw = module.palettized_weight
+        assert pw.lut.shape[1] == 2**pw.nbits and int(pw.indices.max()) < 2**pw.nbits
+        assert torch.equal(pw.lut, pw.lut.half().float()), f"{name}: LUT not fp16-representable"
+        assert torch.equal(module.weight, pw.dequantize()), f"{name}: weight out of sync with its LUT"
+        assert torch.unique(module.weight).numel() <= 2**pw.nbits
+        moved += int((pw.indices.long() != before[name].long()).sum() > 0)
+    assert moved > 0, "straight-through training never moved a weight to another LUT entry"
+    Q.save_quantized(q, tmp_path / "qat")
+    for a, b in zip(outputs(q, calibration), outputs(Q.load_quantized(tmp_path / "qat"), calibration)):
+        assert torch.equal(a, b)
+
+
+def test_nearest_entry_matches_argmin_for_unsorted_luts():
+    torch.manual_seed(0)
+    lut = torch.randn(3, 16)
+    w = torch.randn(3, 200)
+    expected = (w[:, :, None] - lut[:, None, :]).abs().argmin(-1)
+    assert torch.equal(Q._nearest_entry(w, lut), expected)
+
+
 def F_mse(a, b):
     return (a - b).double().pow(2).mean().item()
 

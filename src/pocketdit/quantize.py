@@ -498,6 +498,13 @@ def palettized_layers(model: nn.Module) -> dict[str, PalettizedWeight]:
     return {n: m.palettized_weight for n, m in model.named_modules() if hasattr(m, "palettized_weight")}
 
 
+def _nearest_entry(weights: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest LUT entry for each weight; weights (groups, n), lut (groups, k), any order."""
+    sorted_lut, order = lut.sort(dim=1)
+    position = torch.searchsorted((sorted_lut[:, 1:] + sorted_lut[:, :-1]) / 2, weights.contiguous())
+    return torch.gather(order, 1, position)
+
+
 def self_distill_(
     student: nn.Module,
     teacher: nn.Module,
@@ -505,6 +512,7 @@ def self_distill_(
     steps: int = 200,
     lr: float = 1e-4,
     train_luts: bool = False,
+    train_indices: bool = False,
     progress: bool = True,
 ) -> list[float]:
     """Fine-tune the palettized student to match the unquantized teacher's velocity (paper Supp. C).
@@ -513,16 +521,26 @@ def self_distill_(
     calibration batches. Palettized weights keep their indices; with train_luts=False (the paper's recipe)
     they are frozen, with train_luts=True their LUT entries are trained too (each weight is lut[index], so
     the gradient of an entry is the sum over the weights that use it) and rounded to fp16 at the end; the
-    model stays a valid palettized model with the same number of values per layer. Returns the loss per step.
+    model stays a valid palettized model with the same number of values per layer. train_indices=True
+    (implies train_luts) is quantization-aware training: each palettized layer keeps a latent float weight
+    (initialised from the teacher's), every step assigns it to its nearest LUT entry and the gradient passes
+    straight through the rounding to the latent weight, so weights can change entry; at the end the indices
+    are the nearest fp16 entries. Returns the loss per step.
     """
     from torch.func import functional_call
 
     layers = {n: m for n, m in student.named_modules() if hasattr(m, "palettized_weight")}
     palettized = {id(m.weight) for m in layers.values()}
     trainable = [p for p in student.parameters() if id(p) not in palettized]
-    luts = {}
-    if train_luts:
+    luts, latents = {}, {}
+    if train_luts or train_indices:
         luts = {n: nn.Parameter(m.palettized_weight.lut.clone()) for n, m in layers.items()}
+    if train_indices:
+        teacher_params = dict(teacher.named_parameters())
+        for n, m in layers.items():
+            w = teacher_params.get(f"{n}.weight")
+            w = w if w is not None and w.shape == m.weight.shape else m.weight
+            latents[n] = nn.Parameter(w.detach().float().clone())
     if not trainable and not luts:
         raise ValueError("nothing to fine-tune: every parameter is palettized (pass train_luts=True)")
     flags = {id(p): p.requires_grad for p in student.parameters()}
@@ -534,12 +552,19 @@ def self_distill_(
     index_views = {n: m.palettized_weight.indices.long().reshape(m.palettized_weight.lut.shape[0], -1) for n, m in layers.items()}
 
     def weights_from_luts():
-        return {
-            f"{n}.weight": torch.gather(lut, 1, index_views[n]).reshape(layers[n].weight.shape).to(layers[n].weight.dtype)
-            for n, lut in luts.items()
-        }
+        weights = {}
+        for n, lut in luts.items():
+            if n in latents:
+                latent = latents[n].reshape(lut.shape[0], -1)
+                index_views[n] = _nearest_entry(latent.detach(), lut.detach())
+                # straight-through: forward uses lut[index], backward reaches both the LUT and the latent
+                w = torch.gather(lut, 1, index_views[n]) + (latent - latent.detach())
+            else:
+                w = torch.gather(lut, 1, index_views[n])
+            weights[f"{n}.weight"] = w.reshape(layers[n].weight.shape).to(layers[n].weight.dtype)
+        return weights
 
-    opt = torch.optim.AdamW(trainable + list(luts.values()), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable + list(luts.values()) + list(latents.values()), lr=lr, weight_decay=0.0)
     # cosine decay to zero: the last steps settle instead of oscillating around the fp32 targets
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps)))
     losses = []
@@ -570,6 +595,10 @@ def self_distill_(
             for n, lut in luts.items():
                 pw = layers[n].palettized_weight
                 pw.lut = lut.detach().half().float()
+                if n in latents:
+                    pw.lut, _ = pw.lut.sort(dim=1)
+                    idx = _nearest_entry(latents[n].detach().reshape(pw.lut.shape[0], -1), pw.lut)
+                    pw.indices = idx.reshape(pw.indices.shape).to(pw.indices.dtype)
                 layers[n].weight.data.copy_(pw.dequantize().to(layers[n].weight.dtype))
     return losses
 

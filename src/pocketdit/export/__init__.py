@@ -224,7 +224,7 @@ def load_runner(fmt: str, path: Union[str, os.PathLike], spec: Optional[GraphSpe
     if fmt == "executorch":
         from .executorch import ExecuTorchRunner
 
-        return ExecuTorchRunner(path)
+        return ExecuTorchRunner(path, threads=threads)
     if fmt == "onnx":
         from .onnx import OnnxRunner
 

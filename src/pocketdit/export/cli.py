@@ -51,6 +51,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=0, help="palettize4: self-distillation steps after palettization")
     p.add_argument("--finetune-luts", action="store_true",
                    help="palettize4: also train the LUT entries (indices fixed) during self-distillation")
+    p.add_argument("--finetune-indices", action="store_true",
+                   help="palettize4: quantization-aware self-distillation: latent float weights re-assigned to their "
+                        "nearest LUT entry every step (straight-through gradient); implies --finetune-luts")
     p.add_argument("--lr", type=float, default=1e-4, help="self-distillation peak learning rate (cosine decay)")
     p.add_argument("--eval", action="store_true", help="measure image PSNR vs fp32 (and ShapesEval with --shapes-eval)")
     p.add_argument("--shapes-eval", action="store_true", help="also score fp32 and quantized with ShapesEval (slow)")
@@ -78,8 +81,13 @@ def _load_pipeline(path: str):
     return pipe, pipe.transformer
 
 
-def trajectory_calibration(pipe, prompts: Sequence[str], num_steps: int, seed: int = 0, batch_size: int = 8) -> list[dict]:
-    """Denoiser inputs along the fp32 pipeline's own sampling trajectories (conditional branch)."""
+def trajectory_calibration(
+    pipe, prompts: Sequence[str], num_steps: int, seed: int = 0, batch_size: int = 8, guidance_scale: Optional[float] = None
+) -> list[dict]:
+    """Denoiser inputs along the fp32 pipeline's own sampling trajectories, as it samples them: with its
+    classifier-free guidance (default: the pipeline's), so both the conditional and the unconditional
+    (null text) calls are recorded, one batch each per step and prompt chunk. A quantized model must get
+    both right: with guidance w the trajectory follows v_u + w (v_c - v_u), which amplifies errors in either."""
     import torch
 
     from .. import flow
@@ -87,21 +95,26 @@ def trajectory_calibration(pipe, prompts: Sequence[str], num_steps: int, seed: i
     model = pipe.transformer
     size = pipe.default_size or 32
     lh, lw = pipe.check_image_size(size, size)
+    guidance = pipe.default_guidance if guidance_scale is None else float(guidance_scale)
     batches = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         states, masks = pipe._encode(chunk)
+        null_states = [torch.zeros_like(s) for s in states]
+        null_masks = [torch.zeros_like(m) for m in masks]
         single = len(states) == 1
-        s, m = (states[0], masks[0]) if single else (states, masks)
         g = torch.Generator().manual_seed(seed + start)
         noise = torch.randn(len(chunk), pipe.autoencoder.latent_channels, lh, lw, generator=g)
 
         def denoise(x, t, conditional):
+            s, m = (states, masks) if conditional else (null_states, null_masks)
+            if single:
+                s, m = s[0], m[0]
             batches.append(dict(hidden_states=x.clone(), timestep=t.clone(), encoder_hidden_states=s, encoder_attention_mask=m))
             with torch.no_grad():
                 return model(x, t, s, m).sample
 
-        flow.euler_sample(denoise, noise, num_steps, shift=pipe.default_shift)
+        flow.euler_sample(denoise, noise, num_steps, shift=pipe.default_shift, guidance_scale=guidance)
     return batches
 
 
@@ -168,7 +181,10 @@ def quantize_command(argv: Sequence[str]) -> int:
         if args.calibration == "trajectories" and pipe is not None:
             steps = args.eval_steps or pipe.default_steps
             calibration = trajectory_calibration(pipe, _eval_prompts(args.calibration_prompts, calibration=True), steps, args.seed)
-            print(f"calibration: {len(calibration)} batches from {steps}-step fp32 trajectories on {args.calibration_prompts} ShapesEval prompts")
+            print(
+                f"calibration: {len(calibration)} batches (conditional and unconditional calls) from {steps}-step guided "
+                f"fp32 trajectories on {args.calibration_prompts} ShapesEval prompts"
+            )
         else:
             if args.calibration == "trajectories":
                 print("calibration: no text encoder/pipeline here, using synthetic random inputs")
@@ -180,14 +196,18 @@ def quantize_command(argv: Sequence[str]) -> int:
         ranking = calibration
         if calibration is not None and len(calibration) > args.sensitivity_batches:
             every = len(calibration) / args.sensitivity_batches
-            ranking = [calibration[int(i * every)] for i in range(args.sensitivity_batches)]
+            # trajectory batches alternate conditional/unconditional: take both branches
+            ranking = [calibration[min(len(calibration) - 1, int(i * every) + i % 2)] for i in range(args.sensitivity_batches)]
         report = Q.quantize_(quantized, config, calibration=ranking)
     except ValueError as e:
         return _fail(str(e))
     if args.finetune_steps:
         if args.scheme != "palettize4":
             return _fail("--finetune-steps applies to palettize4 only")
-        losses = Q.self_distill_(quantized, fp32, calibration, steps=args.finetune_steps, lr=args.lr, train_luts=args.finetune_luts)
+        losses = Q.self_distill_(
+            quantized, fp32, calibration, steps=args.finetune_steps, lr=args.lr, train_luts=args.finetune_luts,
+            train_indices=args.finetune_indices,
+        )
         print(f"self-distillation: {args.finetune_steps} steps, loss {losses[0]:.4g} -> {sum(losses[-10:]) / len(losses[-10:]):.4g}")
     quantized._pocketdit_quantization.setdefault("report", report.to_dict() if report else {})
     out = Path(args.output)
