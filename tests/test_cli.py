@@ -102,20 +102,34 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
                  "--shapes-eval", "--shapes-eval-images", "1"]) == 0
     summary = json.loads((out_dir / "quantize_report.json").read_text())
     assert 4.0 < summary["average_bits"] <= 4.3 and summary["file_bytes"] < summary["fp32_param_bytes"] / 4
-    assert summary["image_psnr_db"] > 5.0
+    assert summary["image_psnr_db"] > 5.0 and len(summary["image_psnr_db_per_image"]) == 2
+    assert min(summary["image_psnr_db_per_image"]) <= summary["image_psnr_db_median"] <= max(summary["image_psnr_db_per_image"])
     assert 0.0 <= summary["shapes_eval_quantized"] <= 1.0 and summary["shapes_eval_images_per_prompt"] == 1
     assert set(summary["shapes_eval_fp32_categories"]) == set(result["categories"])
+    assert Image.open(out_dir / summary["eval_grid"]).size[0] > 2 * 16
     assert main(["generate", "a red circle", "-m", str(out_dir), "-o", str(image), "--steps", "2"]) == 0
 
-    # calibration follows the guided sampler: a conditional and an unconditional (null text) call per step
+    # calibration follows the guided sampler: per step, the conditional and the unconditional (null text)
+    # calls stacked on the same latents, along the trajectory the pipeline itself samples
     from pocketdit.export.cli import _load_pipeline, trajectory_calibration
 
-    pipe, _ = _load_pipeline(str(run))
-    batches = trajectory_calibration(pipe, ["a red circle", "two squares"], num_steps=2, guidance_scale=2.0)
-    assert len(batches) == 4
-    assert all(b["encoder_attention_mask"].sum() > 0 for b in batches[0::2])
-    assert all(b["encoder_attention_mask"].sum() == 0 and b["encoder_hidden_states"].abs().sum() == 0 for b in batches[1::2])
-    assert torch.equal(batches[0]["hidden_states"], batches[1]["hidden_states"])
+    pipe, model = _load_pipeline(str(run))
+    prompts = ["a red circle", "two squares"]
+    batches = trajectory_calibration(pipe, prompts, num_steps=2, guidance_scale=2.0)
+    assert len(batches) == 2
+    for b in batches:
+        x, mask = b["hidden_states"], b["encoder_attention_mask"]
+        assert x.shape[0] == 4 and torch.equal(x[:2], x[2:])
+        assert (mask[:2].sum(-1) > 0).all() and mask[2:].sum() == 0 and b["encoder_hidden_states"][2:].abs().sum() == 0
+    images = pipe(prompts, num_steps=2, guidance_scale=2.0, seed=0, output_type="pt")
+    with torch.no_grad():
+        v = model(**batches[1]).sample
+    from pocketdit import flow
+
+    t = flow.timestep_schedule(2, pipe.default_shift)
+    guided = v[2:] + 2.0 * (v[:2] - v[2:])
+    x0 = batches[1]["hidden_states"][:2] + (t[2] - t[1]) * guided
+    assert torch.allclose(pipe.autoencoder.decode(x0).clamp(-1, 1), images, atol=1e-4)
 
 
 def test_generate_from_missing_model_is_a_clear_error(tmp_path, capsys):

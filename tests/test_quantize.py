@@ -199,6 +199,20 @@ def test_self_distillation_with_indices_reassigns_weights_and_stays_palettized(t
         assert torch.equal(a, b)
 
 
+def test_self_distillation_on_guided_velocity(model, calibration, palettized):
+    # batches stacked [conditional; unconditional]: the loss adds the guided velocity's error
+    q = copy.deepcopy(palettized[0])
+
+    def guided_error(m):
+        return sum(F_mse(Q._guided(g, 3.0), Q._guided(r, 3.0)) for g, r in zip(outputs(m, calibration), outputs(model, calibration)))
+
+    before = guided_error(q)
+    losses = Q.self_distill_(q, model, calibration, steps=12, lr=3e-4, train_indices=True, guidance_scale=3.0, progress=False)
+    assert guided_error(q) < before and len(losses) == 12
+    v = torch.randn(4, 3)
+    assert torch.allclose(Q._guided(v, 3.0), v[2:] + 3.0 * (v[:2] - v[2:]))
+
+
 def test_nearest_entry_matches_argmin_for_unsorted_luts():
     torch.manual_seed(0)
     lut = torch.randn(3, 16)

@@ -498,6 +498,12 @@ def palettized_layers(model: nn.Module) -> dict[str, PalettizedWeight]:
     return {n: m.palettized_weight for n, m in model.named_modules() if hasattr(m, "palettized_weight")}
 
 
+def _guided(velocity: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on a batch stacked as [conditional; unconditional]."""
+    cond, uncond = velocity.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
 def _nearest_entry(weights: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Index of the nearest LUT entry for each weight; weights (groups, n), lut (groups, k), any order."""
     sorted_lut, order = lut.sort(dim=1)
@@ -513,6 +519,7 @@ def self_distill_(
     lr: float = 1e-4,
     train_luts: bool = False,
     train_indices: bool = False,
+    guidance_scale: Optional[float] = None,
     progress: bool = True,
 ) -> list[float]:
     """Fine-tune the palettized student to match the unquantized teacher's velocity (paper Supp. C).
@@ -525,7 +532,10 @@ def self_distill_(
     (implies train_luts) is quantization-aware training: each palettized layer keeps a latent float weight
     (initialised from the teacher's), every step assigns it to its nearest LUT entry and the gradient passes
     straight through the rounding to the latent weight, so weights can change entry; at the end the indices
-    are the nearest fp16 entries. Returns the loss per step.
+    are the nearest fp16 entries. guidance_scale=w: each calibration batch stacks a conditional first half
+    and an unconditional second half on the same latents (`trajectory_calibration`'s batches), and the loss
+    adds the error of the guided velocity v_u + w (v_c - v_u) that the sampler integrates, which weighs
+    the two branches' errors as sampling does. Returns the loss per step.
     """
     from torch.func import functional_call
 
@@ -574,13 +584,19 @@ def self_distill_(
     student.train()
     bar = tqdm(range(steps), desc="self-distillation", disable=not progress, leave=False)
     try:
+        order = []
+        shuffle = torch.Generator().manual_seed(0)
         for step in bar:
-            i = step % len(calibration)
+            if not order:  # a fresh shuffled pass: trajectory batches come ordered by time step
+                order = torch.randperm(len(calibration), generator=shuffle).tolist()
+            i = order.pop()
             if luts:
                 out = functional_call(student, weights_from_luts(), args=(), kwargs=calibration[i], strict=False)
             else:
                 out = student(**calibration[i])
             loss = F.mse_loss(out.sample, targets[i])
+            if guidance_scale is not None:
+                loss = loss + F.mse_loss(_guided(out.sample, guidance_scale), _guided(targets[i], guidance_scale))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
