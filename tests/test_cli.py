@@ -103,6 +103,7 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
     summary = json.loads((out_dir / "quantize_report.json").read_text())
     assert 4.0 < summary["average_bits"] <= 4.3 and summary["file_bytes"] < summary["fp32_param_bytes"] / 4
     assert summary["image_psnr_db"] > 5.0 and len(summary["image_psnr_db_per_image"]) == 2
+    assert summary["finetune"]["indices"] and summary["finetune"]["lr"] == 3e-5 and summary["finetune"]["steps"] == 2
     assert min(summary["image_psnr_db_per_image"]) <= summary["image_psnr_db_median"] <= max(summary["image_psnr_db_per_image"])
     assert 0.0 <= summary["shapes_eval_quantized"] <= 1.0 and summary["shapes_eval_images_per_prompt"] == 1
     assert set(summary["shapes_eval_fp32_categories"]) == set(result["categories"])

@@ -55,7 +55,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-indices", action="store_true",
                    help="palettize4: quantization-aware self-distillation: latent float weights re-assigned to their "
                         "nearest LUT entry every step (straight-through gradient); implies --finetune-luts")
-    p.add_argument("--lr", type=float, default=1e-4, help="self-distillation peak learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="self-distillation peak learning rate, cosine decay (default: 3e-5 with --finetune-indices, "
+                        "where latent weights move between entries, else 1e-4; measured on the shapes checkpoint)")
     p.add_argument("--eval", action="store_true", help="measure image PSNR vs fp32 (and ShapesEval with --shapes-eval)")
     p.add_argument("--shapes-eval", action="store_true", help="also score fp32 and quantized with ShapesEval (slow)")
     p.add_argument("--shapes-eval-images", type=int, default=4,
@@ -213,8 +215,9 @@ def quantize_command(argv: Sequence[str]) -> int:
     if args.finetune_steps:
         if args.scheme != "palettize4":
             return _fail("--finetune-steps applies to palettize4 only")
+        lr = args.lr if args.lr is not None else (3e-5 if args.finetune_indices else 1e-4)
         losses = Q.self_distill_(
-            quantized, fp32, calibration, steps=args.finetune_steps, lr=args.lr, train_luts=args.finetune_luts,
+            quantized, fp32, calibration, steps=args.finetune_steps, lr=lr, train_luts=args.finetune_luts,
             train_indices=args.finetune_indices, guidance_scale=guidance,
         )
         print(f"self-distillation: {args.finetune_steps} steps, loss {losses[0]:.4g} -> {sum(losses[-10:]) / len(losses[-10:]):.4g}")
@@ -230,6 +233,11 @@ def quantize_command(argv: Sequence[str]) -> int:
     seconds = time.perf_counter() - t0
     fp32_bytes = sum(p.numel() * 4 for p in fp32.parameters())
     summary = {"scheme": args.scheme, "seconds": round(seconds, 1), "file_bytes": meta["file_size_bytes"], "fp32_param_bytes": fp32_bytes}
+    if args.finetune_steps:
+        summary["finetune"] = dict(
+            steps=args.finetune_steps, lr=lr, luts=args.finetune_luts or args.finetune_indices, indices=args.finetune_indices,
+            guided_loss=guidance is not None, calibration_batches=len(calibration),
+        )
     if report is not None:
         summary.update(average_bits=round(report.average_bits, 3), high_bit_layers=report.num_high_bit_layers, layers=len(report.layer_bits))
     if args.eval:
