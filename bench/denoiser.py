@@ -302,10 +302,7 @@ def main(argv=None):
                              f"-> PocketDiT small is {p['ms'] / small['ms']:.2f}x {'faster' if p['ms'] > small['ms'] else 'as fast (slower)'}; "
                              f"FLOPs {small['flops'].total / 1e12:.2f} vs {p['flops'].total / 1e12:.2f} TFLOP, "
                              f"DiT tokens {small['tokens']:,} vs {p['tokens']:,}")
-    timed_with = [m for m in args.interleave if m not in pair]
-    round_robin = (
-        [", ".join(["PocketDiT small", "small-dense"] + timed_with[:-1]), timed_with[-1]] if timed_with else ["PocketDiT small", "small-dense"]
-    )
+    round_robin = ["PocketDiT small", "small-dense"] + [m for m in args.interleave if m not in pair]
     header = [
         f"### Denoiser: one step, PocketDiT vs peers ({args.device}, {args.dtype})",
         "",
@@ -314,7 +311,7 @@ def main(argv=None):
         f"- text tokens: PocketDiT {POCKETDIT_TEXT_TOKENS} per encoder (2 encoders: 512-d and 2560-d), "
         f"PixArt-Sigma and SANA {PEER_TEXT_TOKENS}",
         f"- started {started}; load average at start {load_start}, at end {load_average()} (absolute times move "
-        f"with the machine's load; {' and '.join(round_robin)} are timed round-robin in one group, so their ratios "
+        f"with the machine's load; {', '.join(round_robin[:-1])} and {round_robin[-1]} are timed round-robin in one group, so their ratios "
         "are comparable)",
         "- peak activations: bytes of tensors created during one step (weights excluded), tracked per op",
         f"- command: `{command_line()}`",

@@ -108,6 +108,11 @@ DenoiseFn = Callable[..., torch.Tensor]
 
 
 @torch.no_grad()
+def classifier_free_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """v_uncond + scale (v_cond - v_uncond): the velocity a guided sampler integrates."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
 def euler_sample(
     denoise_fn: DenoiseFn,
     noise: torch.Tensor,
@@ -144,6 +149,6 @@ def euler_sample(
         v = denoise_fn(x, t_batch, True)
         if guidance_scale != 1.0:
             v_uncond = denoise_fn(x, t_batch, False)
-            v = v_uncond + guidance_scale * (v - v_uncond)
+            v = classifier_free_guidance(v, v_uncond, guidance_scale)
         x = x + (t_next - t) * v.to(x.dtype)
     return x

@@ -202,6 +202,13 @@ def _quiet_coremltools():
     return contextlib.redirect_stderr(io.StringIO())
 
 
+def _nearest_entry(weights: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest LUT entry for each weight; weights (groups, n), lut (groups, k), any order."""
+    sorted_lut, order = lut.sort(dim=1, stable=True)  # stable: a sorted LUT maps to itself
+    position = torch.searchsorted((sorted_lut[:, 1:] + sorted_lut[:, :-1]) / 2, weights.contiguous())
+    return torch.gather(order, 1, position)
+
+
 def palettize_weight(
     weight: torch.Tensor,
     nbits: int,
@@ -228,9 +235,7 @@ def palettize_weight(
         return PalettizedWeight(lut, idx.to(index_dtype), nbits)
     lut = _coremltools_lut(w, nbits, granularity, group_size).reshape(groups, -1)
     lut, _ = lut.half().float().sort(dim=1)
-    idx = torch.empty(flat.shape, dtype=index_dtype)
-    for g in range(groups):  # nearest fp16 centre per weight
-        idx[g] = torch.bucketize(flat[g], (lut[g, 1:] + lut[g, :-1]) / 2).to(index_dtype)
+    idx = _nearest_entry(flat, lut).to(index_dtype)  # nearest fp16 centre per weight
     return PalettizedWeight(lut, idx.reshape(w.shape), nbits)
 
 
@@ -500,15 +505,9 @@ def palettized_layers(model: nn.Module) -> dict[str, PalettizedWeight]:
 
 def _guided(velocity: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on a batch stacked as [conditional; unconditional]."""
-    cond, uncond = velocity.chunk(2)
-    return uncond + scale * (cond - uncond)
+    from .flow import classifier_free_guidance
 
-
-def _nearest_entry(weights: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest LUT entry for each weight; weights (groups, n), lut (groups, k), any order."""
-    sorted_lut, order = lut.sort(dim=1)
-    position = torch.searchsorted((sorted_lut[:, 1:] + sorted_lut[:, :-1]) / 2, weights.contiguous())
-    return torch.gather(order, 1, position)
+    return classifier_free_guidance(*velocity.chunk(2), scale)
 
 
 def self_distill_(

@@ -120,8 +120,7 @@ def trajectory_calibration(
                 v = model(x, t, states, masks).sample
             if guidance == 1.0:
                 return v
-            cond, uncond = v.chunk(2)
-            return uncond + guidance * (cond - uncond)
+            return flow.classifier_free_guidance(*v.chunk(2), guidance)
 
         # the guided velocity comes back from the "conditional" call; the unconditional one is then not needed
         flow.euler_sample(denoise, noise, num_steps, shift=pipe.default_shift, guidance_scale=1.0)
