@@ -133,6 +133,12 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
     assert torch.allclose(pipe.autoencoder.decode(x0).clamp(-1, 1), images, atol=1e-4)
 
 
+def test_quantize_finetune_flags_without_steps_are_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path), "--scheme", "palettize4", "-o", str(out), "--finetune-indices"]) == 2
+    assert "--finetune-steps" in capsys.readouterr().err and not out.exists()
+
+
 def test_generate_from_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "x", "-m", str(tmp_path / "none"), "-o", str(tmp_path / "o.png")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -164,6 +164,8 @@ def _shapes_eval(pipe, transformer, steps, seed, images_per_prompt: int = 1) -> 
 
 def quantize_command(argv: Sequence[str]) -> int:
     args = quantize_parser().parse_args(list(argv))
+    if not args.finetune_steps and (args.finetune_luts or args.finetune_indices or args.lr is not None):
+        return _fail("--finetune-luts, --finetune-indices and --lr configure self-distillation; pass --finetune-steps N too")
     import copy
 
     import torch
