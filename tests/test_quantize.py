@@ -33,7 +33,9 @@ def calibration(model):
 @pytest.fixture(scope="module")
 def palettized(model, calibration):
     q = copy.deepcopy(model)
-    report = Q.quantize_(q, Q.PalettizeConfig(nbits=4, high_nbits=8, target_avg_bits=4.3), calibration=calibration, progress=False)
+    # nearest rounding: the fine-tuning tests below need an error to fine-tune away (GPTQ is tested on its own)
+    config = Q.PalettizeConfig(nbits=4, high_nbits=8, target_avg_bits=4.3, assignment="nearest")
+    report = Q.quantize_(q, config, calibration=calibration, progress=False)
     return q, report
 
 
@@ -247,6 +249,8 @@ def test_config_errors_name_the_problem(model):
         Q.PalettizeConfig(target_avg_bits=9.0)
     with pytest.raises(ValueError, match="nbits"):
         Q.PalettizeConfig(nbits=5)
+    with pytest.raises(ValueError, match="assignment"):
+        Q.PalettizeConfig(assignment="round")
     with pytest.raises(ValueError, match="group_size"):
         Q.Int8DynActInt4Weight(group_size=24)
     with pytest.raises(ValueError, match="calibration"):
@@ -265,3 +269,59 @@ def test_psnr():
     assert Q.psnr(x, x) == float("inf")
     noisy = x + 0.01
     assert Q.psnr(noisy, x, peak=2.0) == pytest.approx(20 * torch.log10(torch.tensor(2.0 / 0.01)).item(), rel=1e-4)
+
+
+def _output_error(w, wq, h):
+    d = (w - wq).double()
+    return torch.einsum("ij,jk,ik->", d, h.double(), d).item()
+
+
+def test_gptq_assignment_lowers_layer_output_error_and_keeps_the_palette():
+    torch.manual_seed(0)
+    w = torch.randn(24, 32)
+    mix = torch.randn(32, 32)  # correlated inputs: what GPTQ exploits and nearest rounding ignores
+    x = torch.randn(512, 32) @ mix
+    h = x.T @ x / len(x)
+    nearest = Q.palettize_weight(w, nbits=3)
+    gptq, latent = Q.gptq_palettize(w, nearest, h)
+    assert torch.equal(gptq.lut, nearest.lut) and gptq.indices.dtype == nearest.indices.dtype
+    assert int(gptq.indices.max()) < 8
+    assert _output_error(w, gptq.dequantize(), h) < 0.7 * _output_error(w, nearest.dequantize(), h)
+    # the compensated weight is where QAT starts: its nearest entries are exactly the assigned indices
+    assert torch.equal(Q._nearest_entry(latent.reshape(1, -1), gptq.lut).reshape(w.shape), gptq.indices.long())
+    # per-channel-group LUTs: each row uses its own group's table
+    grouped = Q.palettize_weight(w, nbits=3, granularity="per_grouped_channel", group_size=8)
+    g2, _ = Q.gptq_palettize(w, grouped, h)
+    assert g2.lut.shape == (3, 8)
+    assert _output_error(w, g2.dequantize(), h) < _output_error(w, grouped.dequantize(), h)
+
+
+def test_gptq_assignment_never_does_worse_than_nearest():
+    # white inputs: nearest rounding is already optimal for the output error; a rank-1 H is ill-conditioned
+    torch.manual_seed(1)
+    w = torch.randn(16, 12)
+    nearest = Q.palettize_weight(w, nbits=2)
+    v = torch.randn(12, 1)
+    for h in (torch.eye(12), v @ v.T):
+        pw, latent = Q.gptq_palettize(w, nearest, h)
+        assert _output_error(w, pw.dequantize(), h) <= _output_error(w, nearest.dequantize(), h) + 1e-9
+
+
+def test_gptq_palettized_model_is_closer_than_nearest_and_qat_starts_from_it(model, calibration):
+    # the default config assigns GPTQ-style; nearest is the plain k-means rounding
+    assert Q.PalettizeConfig().assignment == "gptq"
+    errors = {}
+    for assignment in ("nearest", "gptq"):
+        q = copy.deepcopy(model)
+        Q.quantize_(q, Q.PalettizeConfig(target_avg_bits=4.0, assignment=assignment), calibration=calibration, progress=False)
+        errors[assignment] = sum(F_mse(g, r) for g, r in zip(outputs(q, calibration), outputs(model, calibration)))
+        for name, module in Q.palettizable_layers(q).items():
+            assert torch.equal(module.weight, module.palettized_weight.dequantize()), name
+            latent = getattr(module, "palettized_latent", None)
+            assert (latent is not None) == (assignment == "gptq" and isinstance(module, torch.nn.Linear)), name
+    assert errors["gptq"] < errors["nearest"], errors
+    # QAT from the compensated weights: zero learning rate keeps GPTQ's indices (from the teacher's weights
+    # it would snap back to nearest rounding)
+    Q.self_distill_(q, model, calibration, steps=1, lr=0.0, train_indices=True, progress=False)
+    after = sum(F_mse(g, r) for g, r in zip(outputs(q, calibration), outputs(model, calibration)))
+    assert after == pytest.approx(errors["gptq"], rel=1e-5)

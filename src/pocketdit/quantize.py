@@ -11,7 +11,9 @@ Palettization (the paper's recipe): every Linear/Conv weight becomes a look-up t
 values plus one index per weight. The k-means itself is coremltools' post-training palettizer; this file
 adds what the paper needs around it: per-layer sensitivity (output MSE when that layer alone is
 palettized, measured on calibration inputs) picks the layers kept at `high_nbits` so that the average
-stays at or below `target_avg_bits`; `self_distill_` then fine-tunes the parameters that are not
+stays at or below `target_avg_bits`; by default each Linear layer's indices are then assigned GPTQ-style
+(`gptq_palettize`: rounding errors compensated through the layer's input statistics, so its output
+rather than its weight stays close); `self_distill_` then fine-tunes the parameters that are not
 palettized (biases, norms, modulation tables) against the unquantized model; `save_quantized` stores
 LUTs and bit-packed indices in safetensors, and `load_quantized` rebuilds the model from them.
 
@@ -90,6 +92,10 @@ class PalettizeConfig:
             extra bit (a knapsack greedy). One forward pass per layer and calibration batch.
         "relative_mse": the paper's: MSE of the layer's own output / its mean square, layers promoted in
             order of that score. "mse": the same without the normalisation.
+    assignment: how weights are mapped to LUT entries. "nearest": each weight to its nearest entry (the
+        weight error is smallest). "gptq": Linear layers' indices chosen column by column so that the
+        layer's output on the calibration inputs changes least (`gptq_palettize`); needs calibration, and
+        layers are then ranked for high_nbits as they will be assigned.
     skip: substrings of module names to leave in floating point.
     """
 
@@ -99,6 +105,7 @@ class PalettizeConfig:
     granularity: str = "per_tensor"
     group_size: Optional[int] = None
     sensitivity: str = "model_output"
+    assignment: str = "gptq"
     skip: tuple = ()
 
     def __post_init__(self):
@@ -116,6 +123,8 @@ class PalettizeConfig:
             raise ValueError("group_size is required with granularity='per_grouped_channel' and only then")
         if self.sensitivity not in SENSITIVITY_METRICS:
             raise ValueError(f"sensitivity must be one of {SENSITIVITY_METRICS}, got {self.sensitivity!r}")
+        if self.assignment not in ("nearest", "gptq"):
+            raise ValueError(f"assignment must be 'nearest' or 'gptq', got {self.assignment!r}")
         self.skip = tuple(self.skip)
 
 
@@ -251,6 +260,96 @@ def _coremltools_lut(w: torch.Tensor, nbits: int, granularity: str, group_size: 
     with _quiet_coremltools():
         done = PostTrainingPalettizer(holder, PostTrainingPalettizerConfig.from_dict({"global_config": layer_cfg})).compress()
     return done.layer.state_dict()["_COREML_/weight/lut"].float()
+
+
+@torch.no_grad()
+def input_second_moments(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[dict]) -> dict[str, torch.Tensor]:
+    """E[x x^T] over the inputs each Linear layer in `layers` sees on the calibration batches (fp32).
+
+    A weight change dW changes the layer's output by a mean square of tr(dW H dW^T) / out_features with
+    H = E[x x^T]: the quantity GPTQ-style index assignment minimises. Layers that are not Linear, or whose
+    forward never runs, are left out.
+    """
+    sums = {n: None for n, m in layers.items() if isinstance(m, nn.Linear)}
+    rows = dict.fromkeys(sums, 0)
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            h = x.T @ x
+            sums[name] = h if sums[name] is None else sums[name] + h
+            rows[name] += x.shape[0]
+
+        return fn
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in sums]
+    try:
+        for batch in calibration:
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (h / rows[n]).float() for n, h in sums.items() if h is not None}
+
+
+@torch.no_grad()
+def gptq_palettize(
+    weight: torch.Tensor, palette: PalettizedWeight, hessian: torch.Tensor, damp: float = 0.01, block_size: int = 128,
+    act_order: bool = True,
+) -> tuple[PalettizedWeight, torch.Tensor]:
+    """Re-assign a palettized Linear weight's indices column by column, GPTQ-style (Frantar et al., 2023).
+
+    Nearest-entry rounding minimises the weight error; this minimises the layer's output error on the
+    calibration inputs (H = E[x x^T], `input_second_moments`): each input column is rounded to its nearest
+    LUT entry after the rounding errors of the columns before it have been spread over it through the
+    inverse Hessian. The LUT is kept. Returns the new palette and the error-compensated float weight whose
+    nearest LUT entries are exactly the new indices (quantization-aware fine-tuning starts from it). If the
+    result has a larger output error than nearest rounding (ill-conditioned H), the input palette is
+    returned with the original weight.
+    """
+    w = weight.detach().float().reshape(weight.shape[0], -1).clone()
+    groups = palette.lut.shape[0]
+    rows_per_group = w.shape[0] // groups
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0])
+    # columns with the largest inputs first: their errors are then spread over the most columns
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
+    w, h = w[:, order], h[order][:, order]
+    # upper Cholesky factor of H^-1: row i holds how column i's error propagates to columns > i
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    indices = torch.empty(w.shape, dtype=torch.long)
+    compensated = torch.empty_like(w)
+    for start in range(0, w.shape[1], block_size):
+        end = min(start + block_size, w.shape[1])
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        hb = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = block[:, i]
+            compensated[:, start + i] = column
+            idx = _nearest_entry(column.reshape(groups, rows_per_group), palette.lut).reshape(-1)
+            indices[:, start + i] = idx
+            q = torch.gather(palette.lut, 1, idx.reshape(groups, rows_per_group)).reshape(-1)
+            err = (column - q) / hb[i, i]
+            block[:, i:] -= err[:, None] * hb[i, i:][None]
+            errors[:, i] = err
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    inverse = torch.argsort(order)
+    indices, compensated = indices[:, inverse], compensated[:, inverse]
+    new = PalettizedWeight(palette.lut.clone(), indices.reshape(palette.shape).to(palette.indices.dtype), palette.nbits)
+    original = weight.detach().float().reshape(weight.shape[0], -1)
+    hessian = hessian.float()
+
+    def output_error(q):
+        d = original - q.reshape(original.shape)
+        return torch.einsum("ij,jk,ik->", d, hessian, d).item()
+
+    if output_error(new.dequantize()) > output_error(palette.dequantize()):
+        return palette, weight.detach().float().clone()
+    return new, compensated.reshape(weight.shape)
 
 
 def palettizable_layers(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Module]:
@@ -466,23 +565,30 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
         raise ValueError("the model has no Linear or Conv layers to palettize")
     from tqdm.auto import tqdm
 
+    needs_calibration = config.target_avg_bits > config.nbits or config.assignment == "gptq"
+    if needs_calibration and calibration is None:
+        raise ValueError(
+            "palettization with target_avg_bits > nbits or assignment='gptq' needs calibration inputs; pass "
+            "calibration=... (e.g. pocketdit.quantize.random_calibration(model)), or set target_avg_bits=nbits and "
+            "assignment='nearest'"
+        )
+    calibration = list(calibration) if calibration is not None else None
+    hessians = input_second_moments(model, layers, calibration) if config.assignment == "gptq" else {}
+    latents = {}
+
     def palettize_all(names, nbits, desc):
-        return {
-            n: palettize_weight(layers[n].weight, nbits, config.granularity, config.group_size)
-            for n in tqdm(names, desc=desc, disable=not progress, leave=False)
-        }
+        palettes = {}
+        for n in tqdm(names, desc=desc, disable=not progress, leave=False):
+            palettes[n] = palettize_weight(layers[n].weight, nbits, config.granularity, config.group_size)
+            if n in hessians:
+                palettes[n], latents[(n, nbits)] = gptq_palettize(layers[n].weight, palettes[n], hessians[n])
+        return palettes
 
     low = palettize_all(list(layers), config.nbits, f"k-means {config.nbits}-bit")
     numels = {n: m.weight.numel() for n, m in layers.items()}
     sensitivity = {}
     bits = {n: config.nbits for n in layers}
     if config.target_avg_bits > config.nbits:
-        if calibration is None:
-            raise ValueError(
-                "palettization with target_avg_bits > nbits needs calibration inputs to rank layer sensitivity; "
-                "pass calibration=... (e.g. pocketdit.quantize.random_calibration(model)) or set target_avg_bits=nbits"
-            )
-        calibration = list(calibration)
         sensitivity = layer_sensitivity(model, calibration, low, config.sensitivity, progress=progress)
         bits = choose_layer_bits(
             sensitivity, numels, config.nbits, config.high_nbits, config.target_avg_bits,
@@ -494,6 +600,8 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
         pw = palettes[name]
         module.weight.data.copy_(pw.dequantize().to(module.weight.dtype))
         module.palettized_weight = pw  # plain attribute: kept for saving/export, not part of state_dict
+        if (name, bits[name]) in latents:  # where quantization-aware fine-tuning starts (`self_distill_`)
+            module.palettized_latent = latents[(name, bits[name])]
     report = PalettizationReport(layer_bits=bits, sensitivity=sensitivity, numels=numels)
     model._pocketdit_quantization = {"scheme": "palettize4", "config": asdict(config), "report": report.to_dict()}
     return report
@@ -547,8 +655,10 @@ def self_distill_(
     if train_indices:
         teacher_params = dict(teacher.named_parameters())
         for n, m in layers.items():
-            w = teacher_params.get(f"{n}.weight")
-            w = w if w is not None and w.shape == m.weight.shape else m.weight
+            w = getattr(m, "palettized_latent", None)  # GPTQ assignment's compensated weight, if any
+            if w is None:
+                w = teacher_params.get(f"{n}.weight")
+                w = w if w is not None and w.shape == m.weight.shape else m.weight
             latents[n] = nn.Parameter(w.detach().float().clone())
     if not trainable and not luts:
         raise ValueError("nothing to fine-tune: every parameter is palettized (pass train_luts=True)")
@@ -615,6 +725,8 @@ def self_distill_(
                     idx = _nearest_entry(latents[n].detach().reshape(pw.lut.shape[0], -1), pw.lut)
                     pw.indices = idx.reshape(pw.indices.shape).to(pw.indices.dtype)
                 layers[n].weight.data.copy_(pw.dequantize().to(layers[n].weight.dtype))
+                if n in latents:  # a later call continues from here
+                    layers[n].palettized_latent = latents[n].detach().clone()
     return losses
 
 

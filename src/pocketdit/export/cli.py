@@ -48,7 +48,11 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="palettize4: how layers are ranked for high_nbits: the model output's error with that layer "
                         "alone palettized (default), or the paper's error of the layer's own output")
     p.add_argument("--sensitivity-batches", type=int, default=8,
-                   help="palettize4: calibration batches (evenly spaced) used to rank layers")
+                   help="palettize4: calibration batches (evenly spaced) used to rank layers and, with --assignment "
+                        "gptq, to measure each layer's input statistics")
+    p.add_argument("--assignment", choices=["gptq", "nearest"], default="gptq",
+                   help="palettize4: how weights map to LUT entries: column by column so each layer's output on the "
+                        "calibration inputs changes least (GPTQ-style, default), or each weight to its nearest entry")
     p.add_argument("--finetune-steps", type=int, default=0, help="palettize4: self-distillation steps after palettization")
     p.add_argument("--finetune-luts", action="store_true",
                    help="palettize4: also train the LUT entries (indices fixed) during self-distillation")
@@ -186,7 +190,8 @@ def quantize_command(argv: Sequence[str]) -> int:
     guidance = None  # set when the calibration batches stack [conditional; unconditional]
     if args.scheme == "palettize4":
         overrides = dict(
-            nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits, sensitivity=args.sensitivity
+            nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits, sensitivity=args.sensitivity,
+            assignment=args.assignment,
         )
         if args.lut_group_channels:
             overrides.update(granularity="per_grouped_channel", group_size=args.lut_group_channels)
@@ -240,7 +245,10 @@ def quantize_command(argv: Sequence[str]) -> int:
             guided_loss=guidance is not None, calibration_batches=len(calibration),
         )
     if report is not None:
-        summary.update(average_bits=round(report.average_bits, 3), high_bit_layers=report.num_high_bit_layers, layers=len(report.layer_bits))
+        summary.update(
+            average_bits=round(report.average_bits, 3), high_bit_layers=report.num_high_bit_layers, layers=len(report.layer_bits),
+            assignment=config.assignment,
+        )
     if args.eval:
         if pipe is None:
             return _fail("--eval needs a pipeline (text encoder + autoencoder); this checkpoint is a bare transformer")
