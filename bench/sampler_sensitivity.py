@@ -1,13 +1,16 @@
 """How far do small weight changes move a checkpoint's generated images? The noise floor of the image-PSNR
 target for quantization.
 
-    python bench/sampler_sensitivity.py runs/shapes_pixel32 --quantized pal4 int8 --write
+    python bench/sampler_sensitivity.py runs/shapes_pixel32 --quantized pal4 int8 --noise 0.005 0.01 0.02 --write
 
 Generates the same prompts and seeds as `pocketdit quantize --eval` (ShapesEval prompts, the pipeline's
 sampler and guidance) with the fp32 weights, with the fp32 weights rounded to fp16 and to bf16 (and run in
-fp32), and with each `--quantized` pipeline directory (`pocketdit quantize -o DIR`); prints pooled PSNR
+fp32), with Gaussian noise of `--noise` times each weight's standard deviation added to every Linear/Conv
+weight, and with each `--quantized` pipeline directory (`pocketdit quantize -o DIR`); prints pooled PSNR
 (all images together), median and minimum per-image PSNR against fp32, and how many images fall below
-25 dB. --write puts the table into BENCHMARKS.md, section "sampler-sensitivity".
+25 dB. `--seed-sets N` repeats the pooled number on N disjoint sets of seeds (the first is quantize's), which
+shows how much of a difference between two rows is the choice of seeds. --write puts the table into
+BENCHMARKS.md, section "sampler-sensitivity".
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ def rounded(model, dtype):
     return model
 
 
+def noisy(model, relative, seed=0):
+    """Every Linear/Conv weight plus Gaussian noise of `relative` times that weight's standard deviation."""
+    from pocketdit.quantize import palettizable_layers
+
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in palettizable_layers(model).values():
+            layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * layer.weight.std() * relative)
+    return model
+
+
 def main(argv=None):
     from pocketdit.export.cli import _eval_prompts, _images, _load_pipeline
     from pocketdit.quantize import psnr
@@ -38,6 +53,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="pipeline directory or training run (fp32)")
     ap.add_argument("--quantized", nargs="*", default=[], help="quantized pipeline directories to compare too")
+    ap.add_argument("--noise", nargs="*", type=float, default=[],
+                    help="relative standard deviations of Gaussian weight noise to compare too (e.g. 0.01 = 1%% of each weight's std)")
+    ap.add_argument("--seed-sets", type=int, default=1, help="disjoint seed sets to report the pooled PSNR on")
     ap.add_argument("--images", type=int, default=50, help="evaluation prompts, one image each (same as quantize --eval-images)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     ap.add_argument("--seed", type=int, default=0, help="as quantize --seed; images use seed + 1000 + i")
@@ -54,16 +72,23 @@ def main(argv=None):
     prompts = _eval_prompts(args.images)
     variants = [("fp32 weights rounded to fp16", lambda: rounded(fp32, torch.float16)),
                 ("fp32 weights rounded to bf16", lambda: rounded(fp32, torch.bfloat16))]
+    for r in args.noise:
+        variants.append((f"Gaussian noise, {100 * r:g}% of each weight's std", lambda r=r: noisy(fp32, r)))
     for directory in args.quantized:
         variants.append((f"`{directory}`", lambda d=directory: _load_pipeline(d)[1]))
 
+    seeds = [args.seed + 1000 + 2000 * k for k in range(args.seed_sets)]  # 1000+i, 3000+i, ...: disjoint for <= 2000 images
     rows = []
     with torch.no_grad():
-        ref = _images(pipe, fp32, prompts, steps, args.seed + 1000)
+        refs = [_images(pipe, fp32, prompts, steps, s) for s in seeds]
         for name, build in variants:
-            got = _images(pipe, build(), prompts, steps, args.seed + 1000)
-            per = [psnr(got[i : i + 1], ref[i : i + 1], peak=2.0) for i in range(len(prompts))]
-            row = (f"| {name} | {psnr(got, ref, peak=2.0):.2f} | {statistics.median(per):.2f} | {min(per):.1f} | "
+            model = build()
+            pooled, per = [], []
+            for s, ref in zip(seeds, refs):
+                got = _images(pipe, model, prompts, steps, s)
+                pooled.append(psnr(got, ref, peak=2.0))
+                per += [psnr(got[i : i + 1], ref[i : i + 1], peak=2.0) for i in range(len(prompts))]
+            row = (f"| {name} | {' | '.join(f'{p:.2f}' for p in pooled)} | {statistics.median(per):.2f} | {min(per):.1f} | "
                    f"{sum(p < 25 for p in per)} of {len(per)} |")
             print(row, flush=True)
             rows.append(row)
@@ -74,12 +99,13 @@ def main(argv=None):
         machine_description(),
         f"- {versions('torch')}; {threads} torch threads; started {started}, load average at start {load_start}",
         f"- checkpoint `{args.checkpoint}`; {len(prompts)} ShapesEval prompts (those `pocketdit quantize --eval` uses), "
-        f"one image each, seeds {args.seed + 1000}+i, {steps} Euler steps, guidance {pipe.default_guidance}",
-        "- pooled: PSNR of all images together; median / min: of the per-image PSNRs (peak-to-peak 2)",
+        f"one image each, seeds {' / '.join(f'{s}+i' for s in seeds)}, {steps} Euler steps, guidance {pipe.default_guidance}",
+        "- pooled: PSNR of all images of one seed set together; median / min / count: over the per-image PSNRs of all "
+        "seed sets (peak-to-peak 2)",
         f"- command: `{command_line()}`",
         "",
-        "| weights | pooled PSNR dB | median dB | min dB | images below 25 dB |",
-        "|---|---:|---:|---:|---:|",
+        "| weights | " + " | ".join(f"pooled dB, seeds {s}+i" for s in seeds) + " | median dB | min dB | images below 25 dB |",
+        "|---|" + "---:|" * (len(seeds) + 3),
         *rows,
     ])
     if args.write:
