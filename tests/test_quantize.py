@@ -305,6 +305,12 @@ def test_gptq_assignment_never_does_worse_than_nearest():
     for h in (torch.eye(12), v @ v.T):
         pw, latent = Q.gptq_palettize(w, nearest, h)
         assert _output_error(w, pw.dequantize(), h) <= _output_error(w, nearest.dequantize(), h) + 1e-9
+    # an input that was always zero in calibration: its column keeps plain rounding of the original weight
+    x = torch.randn(256, 12) @ torch.randn(12, 12)
+    x[:, 3] = 0
+    pw, latent = Q.gptq_palettize(w, nearest, x.T @ x / len(x))
+    assert torch.equal(pw.indices[:, 3], nearest.indices[:, 3])
+    assert torch.equal(latent[:, 3], w[:, 3])
 
 
 def test_gptq_palettized_model_is_closer_than_nearest_and_qat_starts_from_it(model, calibration):

@@ -268,14 +268,14 @@ def input_second_moments(model: nn.Module, layers: dict[str, nn.Module], calibra
 
     A weight change dW changes the layer's output by a mean square of tr(dW H dW^T) / out_features with
     H = E[x x^T]: the quantity GPTQ-style index assignment minimises. Layers that are not Linear, or whose
-    forward never runs, are left out.
+    forward never runs, are left out. Holds one in_features x in_features fp32 matrix per layer.
     """
     sums = {n: None for n, m in layers.items() if isinstance(m, nn.Linear)}
     rows = dict.fromkeys(sums, 0)
 
     def hook(name):
         def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             h = x.T @ x
             sums[name] = h if sums[name] is None else sums[name] + h
             rows[name] += x.shape[0]
@@ -312,8 +312,7 @@ def gptq_palettize(
     rows_per_group = w.shape[0] // groups
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    h[dead, dead] = 1.0  # an input that is always zero here: its column is decoupled and keeps nearest rounding
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0])
     # columns with the largest inputs first: their errors are then spread over the most columns
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
