@@ -636,9 +636,10 @@ def self_distill_(
     the gradient of an entry is the sum over the weights that use it) and rounded to fp16 at the end; the
     model stays a valid palettized model with the same number of values per layer. train_indices=True
     (implies train_luts) is quantization-aware training: each palettized layer keeps a latent float weight
-    (initialised from the teacher's), every step assigns it to its nearest LUT entry and the gradient passes
-    straight through the rounding to the latent weight, so weights can change entry; at the end the indices
-    are the nearest fp16 entries. guidance_scale=w: each calibration batch stacks a conditional first half
+    (initialised from GPTQ's compensated weight `palettized_latent` if quantize_ left one, else from the
+    teacher's), every step assigns it to its nearest LUT entry and the gradient passes straight through
+    the rounding to the latent weight, so weights can change entry; at the end the indices are the nearest
+    fp16 entries. guidance_scale=w: each calibration batch stacks a conditional first half
     and an unconditional second half on the same latents (`trajectory_calibration`'s batches), and the loss
     adds the error of the guided velocity v_u + w (v_c - v_u) that the sampler integrates, which weighs
     the two branches' errors as sampling does. Returns the loss per step.
