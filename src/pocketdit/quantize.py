@@ -262,6 +262,17 @@ def _coremltools_lut(w: torch.Tensor, nbits: int, granularity: str, group_size: 
     return done.layer.state_dict()["_COREML_/weight/lut"].float()
 
 
+def _run_with_pre_hooks(model: nn.Module, pre_hooks: dict, calibration: Iterable[dict]) -> None:
+    """Run the model on every calibration batch with forward pre-hooks {module: fn(module, args)} attached."""
+    handles = [module.register_forward_pre_hook(fn) for module, fn in pre_hooks.items()]
+    try:
+        for batch in calibration:
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def input_second_moments(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[dict]) -> dict[str, torch.Tensor]:
     """E[x x^T] over the inputs each Linear layer in `layers` sees on the calibration batches (fp32).
@@ -282,14 +293,8 @@ def input_second_moments(model: nn.Module, layers: dict[str, nn.Module], calibra
 
         return fn
 
-    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in sums]
-    try:
-        for batch in calibration:
-            model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (h / rows[n]).float() for n, h in sums.items() if h is not None}
+    _run_with_pre_hooks(model, {layers[n]: hook(n) for n in sums}, calibration)
+    return {n: h / rows[n] for n, h in sums.items() if h is not None}
 
 
 @torch.no_grad()
@@ -307,7 +312,8 @@ def gptq_palettize(
     result has a larger output error than nearest rounding (ill-conditioned H), the input palette is
     returned with the original weight.
     """
-    w = weight.detach().float().reshape(weight.shape[0], -1).clone()
+    original = weight.detach().float().reshape(weight.shape[0], -1)
+    w = original.clone()
     groups = palette.lut.shape[0]
     rows_per_group = w.shape[0] // groups
     h = hessian.detach().float().clone()
@@ -339,7 +345,6 @@ def gptq_palettize(
     inverse = torch.argsort(order)
     indices, compensated = indices[:, inverse], compensated[:, inverse]
     new = PalettizedWeight(palette.lut.clone(), indices.reshape(palette.shape).to(palette.indices.dtype), palette.nbits)
-    original = weight.detach().float().reshape(weight.shape[0], -1)
     hessian = hessian.float()
 
     def output_error(q):
@@ -347,7 +352,7 @@ def gptq_palettize(
         return torch.einsum("ij,jk,ik->", d, hessian, d).item()
 
     if output_error(new.dequantize()) > output_error(palette.dequantize()):
-        return palette, weight.detach().float().clone()
+        return palette, original.clone().reshape(weight.shape)
     return new, compensated.reshape(weight.shape)
 
 
@@ -421,13 +426,7 @@ def _capture_inputs(model, layers: dict, calibration: Iterable[dict], max_rows: 
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        for batch in calibration:
-            model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_with_pre_hooks(model, {m: hook(n) for n, m in layers.items()}, calibration)
     return seen
 
 
