@@ -255,6 +255,28 @@ def test_config_errors_name_the_problem(model):
         Q.Int8DynActInt4Weight(group_size=24)
     with pytest.raises(ValueError, match="calibration"):
         Q.quantize_(copy.deepcopy(model), Q.PalettizeConfig(), calibration=None, progress=False)
+    with pytest.raises(ValueError, match="sensitivity_batches"):
+        Q.quantize_(copy.deepcopy(model), Q.PalettizeConfig(), calibration=[{}], sensitivity_batches=0, progress=False)
+
+
+def test_sensitivity_batches_caps_the_ranking_but_gptq_statistics_use_every_batch(model, monkeypatch):
+    batches = Q.random_calibration(model, num_batches=4, batch_size=1)
+    seen = {}
+    real_moments, real_sensitivity = Q.input_second_moments, Q.layer_sensitivity
+
+    def moments(m, layers, calibration):
+        seen["moments"] = list(calibration)
+        return real_moments(m, layers, calibration)
+
+    def sensitivity(m, calibration, *args, **kwargs):
+        seen["ranking"] = list(calibration)
+        return real_sensitivity(m, calibration, *args, **kwargs)
+
+    monkeypatch.setattr(Q, "input_second_moments", moments)
+    monkeypatch.setattr(Q, "layer_sensitivity", sensitivity)
+    Q.quantize_(copy.deepcopy(model), Q.PalettizeConfig(), calibration=batches, sensitivity_batches=2, progress=False)
+    assert [id(b) for b in seen["moments"]] == [id(b) for b in batches]
+    assert [id(b) for b in seen["ranking"]] == [id(batches[0]), id(batches[2])]  # evenly spaced
 
 
 def test_load_errors_say_which_path(tmp_path):

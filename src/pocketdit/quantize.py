@@ -543,11 +543,19 @@ class PalettizationReport:
         )
 
 
-def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Iterable[dict]] = None, progress: bool = True):
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Optional[Iterable[dict]] = None,
+    progress: bool = True,
+    sensitivity_batches: Optional[int] = None,
+):
     """Quantize `model` in place with `config`; returns a PalettizationReport for palettization, else None.
 
     Palettization needs `calibration` (a list of model keyword-argument dicts) to rank layers when
-    target_avg_bits > nbits; `random_calibration(model)` is a synthetic stand-in.
+    target_avg_bits > nbits and for GPTQ assignment; `random_calibration(model)` is a synthetic stand-in.
+    GPTQ's input statistics use every batch (one forward pass each); ranking the layers costs a forward
+    pass per layer and batch, so `sensitivity_batches` caps it to that many evenly spaced batches.
     """
     if isinstance(config, (Int8WeightOnly, Int8DynActInt4Weight)):
         from torchao.quantization import quantize_ as ao_quantize_
@@ -571,6 +579,14 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
             "assignment='nearest'"
         )
     calibration = list(calibration) if calibration is not None else None
+    if sensitivity_batches is not None and sensitivity_batches < 1:
+        raise ValueError(f"sensitivity_batches must be at least 1, got {sensitivity_batches}")
+    ranking = calibration
+    if calibration is not None and sensitivity_batches is not None and len(calibration) > sensitivity_batches:
+        # evenly spaced: trajectory batches come ordered by prompt chunk and time step
+        every = len(calibration) / sensitivity_batches
+        ranking = [calibration[int(i * every)] for i in range(sensitivity_batches)]
+    # all batches: a subset of a trajectory's batches sees only a few of its time steps
     hessians = input_second_moments(model, layers, calibration) if config.assignment == "gptq" else {}
     latents = {}
 
@@ -587,7 +603,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
     sensitivity = {}
     bits = {n: config.nbits for n in layers}
     if config.target_avg_bits > config.nbits:
-        sensitivity = layer_sensitivity(model, calibration, low, config.sensitivity, progress=progress)
+        sensitivity = layer_sensitivity(model, ranking, low, config.sensitivity, progress=progress)
         bits = choose_layer_bits(
             sensitivity, numels, config.nbits, config.high_nbits, config.target_avg_bits,
             per_bit=config.sensitivity == "model_output",

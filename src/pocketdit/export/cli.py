@@ -48,8 +48,8 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="palettize4: how layers are ranked for high_nbits: the model output's error with that layer "
                         "alone palettized (default), or the paper's error of the layer's own output")
     p.add_argument("--sensitivity-batches", type=int, default=8,
-                   help="palettize4: calibration batches (evenly spaced) used to rank layers and, with --assignment "
-                        "gptq, to measure each layer's input statistics")
+                   help="palettize4: calibration batches (evenly spaced) used to rank layers for 8 bits (GPTQ's "
+                        "input statistics use every batch)")
     p.add_argument("--assignment", choices=["gptq", "nearest"], default="gptq",
                    help="palettize4: how weights map to LUT entries: column by column so each layer's output on the "
                         "calibration inputs changes least (GPTQ-style, default), or each weight to its nearest entry")
@@ -211,11 +211,7 @@ def quantize_command(argv: Sequence[str]) -> int:
         overrides = dict(group_size=args.group_size)
     try:
         config = Q.config_for_scheme(args.scheme, **overrides)
-        ranking = calibration
-        if calibration is not None and len(calibration) > args.sensitivity_batches:
-            every = len(calibration) / args.sensitivity_batches
-            ranking = [calibration[int(i * every)] for i in range(args.sensitivity_batches)]
-        report = Q.quantize_(quantized, config, calibration=ranking)
+        report = Q.quantize_(quantized, config, calibration=calibration, sensitivity_batches=args.sensitivity_batches)
     except ValueError as e:
         return _fail(str(e))
     if args.finetune_steps:
