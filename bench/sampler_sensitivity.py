@@ -9,8 +9,10 @@ fp32), with Gaussian noise of `--noise` times each weight's standard deviation a
 weight, and with each `--quantized` pipeline directory (`pocketdit quantize -o DIR`); prints pooled PSNR
 (all images together), median and minimum per-image PSNR against fp32, and how many images fall below
 25 dB. `--seed-sets N` repeats the pooled number on N disjoint sets of seeds (the first is quantize's), which
-shows how much of a difference between two rows is the choice of seeds. --write puts the table into
-BENCHMARKS.md, section "sampler-sensitivity".
+shows how much of a difference between two rows is the choice of seeds. `--first-steps K ...` adds, for the first
+`--quantized` directory, a row with its weights used only for the first K sampling steps (fp32 after) and one
+with fp32 for the first K steps and its weights after: which part of the trajectory the damage comes from.
+--write puts the table into BENCHMARKS.md, section "sampler-sensitivity".
 """
 
 from __future__ import annotations
@@ -46,7 +48,26 @@ def noisy(model, relative, seed=0):
     return model
 
 
+class FirstSteps(torch.nn.Module):
+    """A denoiser that runs `early` while the time is at or above `t_switch` and `late` below it."""
+
+    def __init__(self, early, late, t_switch):
+        super().__init__()
+        self.early, self.late, self.t_switch = early, late, t_switch
+
+    def forward(self, hidden_states, timestep, *args, **kwargs):
+        model = self.early if float(timestep.flatten()[0]) >= self.t_switch else self.late
+        return model(hidden_states, timestep, *args, **kwargs)
+
+    def __getattr__(self, name):  # config, dtype, ...: the pipeline asks the transformer
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("late"), name)
+
+
 def main(argv=None):
+    from pocketdit import flow
     from pocketdit.export.cli import _eval_prompts, _images, _load_pipeline
     from pocketdit.quantize import psnr
 
@@ -55,6 +76,8 @@ def main(argv=None):
     ap.add_argument("--quantized", nargs="*", default=[], help="quantized pipeline directories to compare too")
     ap.add_argument("--noise", nargs="*", type=float, default=[],
                     help="relative standard deviations of Gaussian weight noise to compare too (e.g. 0.01 = 1%% of each weight's std)")
+    ap.add_argument("--first-steps", nargs="*", type=int, default=[],
+                    help="for the first --quantized directory: rows with its weights for only the first K steps, and only after them")
     ap.add_argument("--seed-sets", type=int, default=1, help="disjoint seed sets to report the pooled PSNR on")
     ap.add_argument("--images", type=int, default=50, help="evaluation prompts, one image each (same as quantize --eval-images)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
@@ -74,8 +97,18 @@ def main(argv=None):
                 ("fp32 weights rounded to bf16", lambda: rounded(fp32, torch.bfloat16))]
     for r in args.noise:
         variants.append((f"Gaussian noise, {100 * r:g}% of each weight's std", lambda r=r: noisy(fp32, r)))
-    for directory in args.quantized:
+    schedule = flow.timestep_schedule(steps, pipe.default_shift).tolist()
+    for k in args.first_steps:
+        if not 0 < k < steps:
+            raise SystemExit(f"error: --first-steps {k} must be between 1 and {steps - 1} (the sampler takes {steps} steps)")
+    for n, directory in enumerate(args.quantized):
         variants.append((f"`{directory}`", lambda d=directory: _load_pipeline(d)[1]))
+        for k in args.first_steps if n == 0 else []:
+            t_switch = (schedule[k - 1] + schedule[k]) / 2  # steps 1..k run at times >= schedule[k - 1]
+            variants.append((f"`{directory}` for the first {k} of {steps} steps, fp32 after",
+                             lambda d=directory, t=t_switch: FirstSteps(_load_pipeline(d)[1], fp32, t)))
+            variants.append((f"fp32 for the first {k} of {steps} steps, `{directory}` after",
+                             lambda d=directory, t=t_switch: FirstSteps(fp32, _load_pipeline(d)[1], t)))
 
     seeds = [args.seed + 1000 + 2000 * k for k in range(args.seed_sets)]  # 1000+i, 3000+i, ...: disjoint for <= 2000 images
     rows = []
