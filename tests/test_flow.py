@@ -113,6 +113,15 @@ def test_cfg_scale_one_is_conditional_and_combines_branches():
     assert torch.allclose(out3, noise - 5.0, atol=1e-6)
 
 
+def test_euler_sampling_records_no_graph_but_guidance_is_differentiable():
+    w = torch.nn.Parameter(torch.tensor(0.5))
+    out = flow.euler_sample(lambda x, t, cond: w * x, torch.ones(1, 1, 2, 2), 3, guidance_scale=2.0)
+    assert not out.requires_grad  # sampling is inference: no autograd graph over the steps
+    v = flow.classifier_free_guidance(w * torch.ones(2), torch.zeros(2), 3.0)
+    v.sum().backward()
+    assert w.grad.item() == 6.0
+
+
 def test_euler_rejects_bad_timesteps():
     with pytest.raises(ValueError, match="decreasing"):
         flow.euler_sample(lambda x, t, c: x, torch.zeros(1, 1, 2, 2), 2, timesteps=[0.2, 0.5])

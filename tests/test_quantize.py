@@ -211,8 +211,11 @@ def test_self_distillation_on_guided_velocity(model, calibration, palettized):
     before = guided_error(q)
     losses = Q.self_distill_(q, model, calibration, steps=12, lr=3e-4, train_indices=True, guidance_scale=3.0, progress=False)
     assert guided_error(q) < before and len(losses) == 12
-    v = torch.randn(4, 3)
-    assert torch.allclose(Q._guided(v, 3.0), v[2:] + 3.0 * (v[:2] - v[2:]))
+    v = torch.randn(4, 3, requires_grad=True)
+    guided = Q._guided(v, 3.0)
+    assert torch.allclose(guided, v[2:] + 3.0 * (v[:2] - v[2:]))
+    guided.sum().backward()  # the guided term of the loss must reach the student
+    assert torch.allclose(v.grad, torch.tensor([3.0, -2.0])[:, None].repeat_interleave(2, 0).expand(4, 3))
 
 
 def test_nearest_entry_matches_argmin_for_unsorted_luts():

@@ -107,12 +107,12 @@ def timestep_schedule(num_steps: int, shift: float = 1.0, device=None) -> torch.
 DenoiseFn = Callable[..., torch.Tensor]
 
 
-@torch.no_grad()
 def classifier_free_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """v_uncond + scale (v_cond - v_uncond): the velocity a guided sampler integrates."""
+    """v_uncond + scale (v_cond - v_uncond): the velocity a guided sampler integrates (differentiable: losses use it)."""
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+@torch.no_grad()
 def euler_sample(
     denoise_fn: DenoiseFn,
     noise: torch.Tensor,
