@@ -168,3 +168,24 @@ def test_preset_parameter_counts_within_15_percent_of_paper(name, target):
         model = PocketDiT.from_preset(name)
     n = sum(p.numel() for p in model.parameters())
     assert 0.85 * target <= n <= 1.15 * target, f"{name}: {n / 1e6:.1f}M"
+
+
+@pytest.mark.parametrize("depth_mid", [2, 3, 4])
+def test_every_long_skip_joins_two_different_activations(depth_mid):
+    """Each skip projection sees [later activation, earlier activation]; were both halves the same tensor,
+    swapping the two halves of its weight would change nothing."""
+    torch.manual_seed(0)
+    model = PocketDiT.from_preset("nano", depth_mid=depth_mid).eval()
+    for blk in model.blocks():  # non-zero outputs, so every activation differs from its block's input
+        torch.nn.init.normal_(blk.cross_attn.to_out.weight, std=0.1)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        ref = model(x, t, ctx).sample
+        for proj in model.skip_projections:
+            d = proj.in_features // 2
+            w = proj.weight.clone()
+            proj.weight.copy_(torch.cat([w[:, d:], w[:, :d]], dim=1))
+            moved = model(x, t, ctx).sample
+            proj.weight.copy_(w)
+            assert (moved - ref).abs().max() > 1e-4

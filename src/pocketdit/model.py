@@ -383,15 +383,18 @@ class PocketDiT(ModelMixin, ConfigMixin):
         down_out = x
 
         x = self.merge(x, gh, gw)
-        n_skip = len(self.skip_projections)
+        # U-ViT long skips: the input of Middle block k joins the input of block depth - 1 - k, so each skip
+        # carries an activation from earlier in the stage (block 0's input is the merged Down output). With
+        # outputs instead, the innermost skip would join a block's output with itself.
+        depth, n_skip = len(self.mid_blocks), len(self.skip_projections)
         skips = []
         for i, blk in enumerate(self.mid_blocks):
-            j = i - (len(self.mid_blocks) - n_skip)
-            if j >= 0:  # U-ViT long skip: block (depth - k) reads block k's output
-                x = self.skip_projections[j](torch.cat([x, skips.pop()], dim=-1))
-            x = self._run(blk, x, t_mod, context, context_mask, rope_half, gh // 2, gw // 2)
             if i < n_skip:
                 skips.append(x)
+            j = i - (depth - n_skip)
+            if j >= 0:
+                x = self.skip_projections[j](torch.cat([x, skips.pop()], dim=-1))
+            x = self._run(blk, x, t_mod, context, context_mask, rope_half, gh // 2, gw // 2)
 
         x = self.split(x, gh, gw) + down_out
         for blk in self.up_blocks:
