@@ -18,11 +18,11 @@ def test_defaults_and_overrides_are_typed():
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  preset: nano\n  depth_mid: 4\ndata:\n  name: shapes\n  length: 100\n"
-                    "method:\n  name: pretrain\n  logit_std: 0.5\ntrain:\n  steps: 3\n")
+                    "method:\n  name: pretrain\n  text_cache_size: 5\ntrain:\n  steps: 3\n")
     cfg = load_config(path, ["--train.steps", "5", "--data.length", "200"])
     assert cfg.model.overrides == {"depth_mid": 4}
     assert cfg.data.options == {"length": 200}
-    assert cfg.method.options == {"logit_std": 0.5}
+    assert cfg.method.options == {"text_cache_size": 5}
     assert cfg.train.steps == 5
     # the plain-dict form puts open keys back in their sections
     d = config_to_dict(cfg)
@@ -80,3 +80,16 @@ def test_shipped_configs_load():
     assert files, "no configs/*.yaml shipped"
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("key,new", [("method.shift", "schedule.shift"), ("train.sample_shift", "schedule.shift"),
+                                     ("method.logit_std", "schedule.logit_std")])
+def test_schedule_keys_that_moved_name_their_new_place(key, new):
+    with pytest.raises(ConfigError, match=f"moved to {new}"):
+        load_config(None, [f"--{key}", "2.0"])
+
+
+def test_schedule_shift_must_be_positive():
+    assert load_config(None, ["--schedule.shift", "2.5"]).schedule.shift == 2.5
+    with pytest.raises(ConfigError, match="schedule.shift"):
+        load_config(None, ["--schedule.shift", "0"])

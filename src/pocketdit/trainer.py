@@ -744,7 +744,7 @@ class Trainer:
         res = self.config.data.resolution
         images = pipe(
             list(self.tcfg.sample_prompts), num_steps=self.tcfg.sample_steps, guidance_scale=self.tcfg.sample_guidance,
-            height=res, width=res, seed=self.tcfg.seed, shift=self.tcfg.sample_shift, progress=False,
+            height=res, width=res, seed=self.tcfg.seed, shift=self.config.schedule.shift, progress=False,
         )
         out = self.output_dir / "samples" / f"step-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -881,5 +881,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         dataset = build_dataset(cfg.data.name, **data_kwargs)
     except TypeError as e:
         raise ValueError(f"bad data options {sorted(cfg.data.options)} for dataset {cfg.data.name!r}: {e}") from e
-    method = build_method(cfg.method.name, model=model, text_conditioner=text, autoencoder=ae, **cfg.method.options)
+    options = dict(cfg.method.options)
+    schedule_keys = {"shift", "logit_mean", "logit_std"} & set(method_options(cfg.method.name))
+    options.update({k: getattr(cfg.schedule, k) for k in sorted(schedule_keys)})
+    method = build_method(cfg.method.name, model=model, text_conditioner=text, autoencoder=ae, **options)
     return Trainer(method, dataset, cfg)

@@ -1,7 +1,7 @@
 """Flow-matching pretraining (SnapGen++ stage 1, without the elastic sub-nets).
 
     x0 = autoencoder.encode(image)        (or batch["latents"] when latents were cached)
-    t ~ logit-normal, shifted for the resolution;  noise ~ N(0, I)
+    t ~ logit-normal, time-shifted (the config's schedule section);  noise ~ N(0, I)
     x_t = (1 - t) x0 + t noise;            loss = || model(x_t, t, text) - (noise - x0) ||^2
 
 Caption dropout is applied here, per text encoder, by turning that encoder's mask all False (the model
@@ -57,9 +57,8 @@ class FlowMatchingPretrain(TrainingMethod):
         model: a PocketDiT (or a wrapped one; the trainer may swap in DDP/FSDP).
         text_conditioner: gives per-encoder (states, masks) for a list of prompts.
         autoencoder: `encode(images in [-1, 1]) -> latents`; `PixelSpace()` for pixel-space models.
-        logit_mean, logit_std: logit-normal timestep distribution (SD3 uses 0, 1).
-        shift: time shift; None = resolution-dependent sqrt(tokens / base_tokens).
-        base_tokens: token count at which the resolution shift is 1.
+        logit_mean, logit_std, shift: the timestep distribution, shift(sigmoid(N(mean, std))); the trainer
+            passes the config's `schedule` section, the same shift the sampler uses.
         caption_dropout: per-encoder probability (or one for all); None = the conditioner's dropout_probs.
         text_cache_size: keep the encoder outputs of up to this many distinct captions (0 = off). Frozen
             encoders give the same states for the same caption, so caching changes nothing but speed; worth
@@ -73,8 +72,7 @@ class FlowMatchingPretrain(TrainingMethod):
         autoencoder,
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
-        shift: Optional[float] = None,
-        base_tokens: int = 256,
+        shift: float = 3.0,
         caption_dropout: Union[float, Sequence[float], None] = None,
         text_cache_size: int = 0,
     ):
@@ -83,9 +81,9 @@ class FlowMatchingPretrain(TrainingMethod):
         self.autoencoder = autoencoder
         self.logit_mean = float(logit_mean)
         self.logit_std = float(logit_std)
-        self.shift = None if shift is None else float(shift)
-        self.base_tokens = int(base_tokens)
-        self.patch_size = int(model.config.patch_size)
+        if not float(shift) > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self.shift = float(shift)
         self.dropout_probs = text_dropout_probs(text_conditioner, caption_dropout)
         self.generator = torch.Generator().manual_seed(0)
         if text_cache_size < 0:
@@ -147,12 +145,10 @@ class FlowMatchingPretrain(TrainingMethod):
 
     def step(self, batch: dict) -> dict:
         x0 = self.latents(batch)
-        b, _, h, w = x0.shape
+        b = x0.shape[0]
         states, masks = self.text(batch["caption"])
-        num_tokens = (h // self.patch_size) * (w // self.patch_size)
         t = flow.sample_timesteps(
-            b, num_tokens, self.generator, mean=self.logit_mean, std=self.logit_std, shift=self.shift,
-            base_tokens=self.base_tokens,
+            b, None, self.generator, mean=self.logit_mean, std=self.logit_std, shift=self.shift
         ).to(x0.device)
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
         x_t = flow.add_noise(x0, noise, t)
