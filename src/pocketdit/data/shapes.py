@@ -318,6 +318,9 @@ class ShapesDataset(Dataset):
         length: number of items.
         seed: dataset seed; two datasets with different seeds share no scenes by construction.
         categories: subset of ``CATEGORIES`` to draw from (uniformly); None = all six.
+        phrasing: "train" (default: captions in many phrasings, see ``pocketdit.data.phrasing``), "heldout"
+            (the phrasings ShapesEval v2 judges on; not for training) or "canonical" (the one GenEval-style
+            template of ``caption_for``). The caption of item ``i`` depends only on ``(seed, i)`` as well.
     """
 
     def __init__(
@@ -326,7 +329,12 @@ class ShapesDataset(Dataset):
         length: int = 10000,
         seed: int = 0,
         categories: Sequence[str] | None = None,
+        phrasing: str = "train",
     ) -> None:
+        from .phrasing import PHRASINGS
+
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing={phrasing!r} is not one of {PHRASINGS}")
         if not isinstance(resolution, int) or resolution < _MIN_RESOLUTION:
             raise ValueError(f"resolution={resolution!r} must be an int >= {_MIN_RESOLUTION}")
         if not isinstance(length, int) or length <= 0:
@@ -347,6 +355,7 @@ class ShapesDataset(Dataset):
         self.length = length
         self.seed = seed
         self.categories = categories
+        self.phrasing = phrasing
 
     def __len__(self) -> int:
         return self.length
@@ -364,10 +373,17 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(int(index))
         image = render_scene(scene, self.resolution)
-        return {"image": pil_to_tensor(image), "caption": caption_for(scene), "meta": scene}
+        return {"image": pil_to_tensor(image), "caption": self.caption(int(index)), "meta": scene}
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` (its own generator, so scenes are the same in every phrasing)."""
+        from .phrasing import phrase_scene
+
+        scene = self.scene(index)
+        return phrase_scene(scene, np.random.default_rng([self.seed, scene["index"], 1]), self.phrasing)
 
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(resolution={self.resolution}, length={self.length}, seed={self.seed}, "
-            f"categories={list(self.categories)})"
+            f"categories={list(self.categories)}, phrasing={self.phrasing!r})"
         )
