@@ -166,6 +166,25 @@ def test_pixel_space_is_identity():
     assert torch.equal(ae.decode(x * 3), (x * 3).clamp(-1, 1))
 
 
+def test_autoencoders_save_and_load_as_pipeline_components(tmp_path):
+    # the kwargs DiffusionPipeline.from_pretrained passes to every ModelMixin component must be accepted
+    load_kwargs = dict(torch_dtype=None, device_map=None, low_cpu_mem_usage=False, use_safetensors=None)
+    PixelSpace().save_pretrained(tmp_path / "pixel")
+    assert sorted(p.name for p in (tmp_path / "pixel").iterdir()) == ["config.json"]
+    assert isinstance(PixelSpace.from_pretrained(tmp_path / "pixel", **load_kwargs), PixelSpace)
+    assert isinstance(load_autoencoder(tmp_path / "pixel"), PixelSpace)
+    with pytest.raises(AutoencoderNotFoundError, match="PixelSpace"):
+        PixelSpace.from_pretrained(tmp_path / "nothing")
+
+    torch.manual_seed(0)
+    ae = DiffusersAutoencoder(_tiny_kl().eval())
+    ae.save_pretrained(tmp_path / "kl")  # the VAE itself: the pipeline directory is self-contained
+    assert json.loads((tmp_path / "kl" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    back = DiffusersAutoencoder.from_pretrained(tmp_path / "kl", **load_kwargs)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(back.decode(z), ae.decode(z))
+
+
 def test_missing_and_invalid_dirs_give_clear_errors(tmp_path):
     missing = tmp_path / "no_such_vae"
     with pytest.raises(AutoencoderNotFoundError, match="does not exist") as e:

@@ -1,5 +1,7 @@
 """Text encoders: the shipped MiniLM, tiny random CLIP/T5 from local dirs, the conditioner's dropout."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from pocketdit.text import (
     HFTextEncoder,
     MiniLMEncoder,
     TextConditioner,
+    TextEncoder,
     TextEncoderNotFoundError,
     build_text_conditioner,
     build_text_encoder,
@@ -280,3 +283,29 @@ def test_build_text_conditioner_from_specs(tiny_t5_dir):
     assert cond.embed_dims == (384, 20) and cond.max_lengths == (8, 6) and cond.dropout_probs == [0.2, 0.2]
     with pytest.raises(ValueError, match="no text encoder"):
         build_text_conditioner("")
+
+
+def test_conditioner_saves_references_not_weights(tiny_clip_dir, minilm, tmp_path):
+    import json
+
+    cond = TextConditioner([minilm, HFTextEncoder(tiny_clip_dir, max_length=8, hidden_layer=-2)], dropout_probs=0.3)
+    cond.save_pretrained(tmp_path / "text")
+    assert sorted(p.name for p in (tmp_path / "text").iterdir()) == ["config.json"]
+    config = json.loads((tmp_path / "text" / "config.json").read_text())
+    assert config["text_encoders"] == ["minilm", str(Path(tiny_clip_dir).resolve())]
+    assert config["max_lengths"] == [16, 8] and config["hidden_layers"] == [-1, -2]
+    # DiffusionPipeline passes these loading kwargs to every ModelMixin component
+    back = TextConditioner.from_pretrained(tmp_path / "text", torch_dtype=None, device_map=None, low_cpu_mem_usage=False)
+    assert back.dropout_probs == [0.0, 0.0] and back.names == cond.names
+    for a, b in zip(cond.encode(["a red circle"])[0], back.encode(["a red circle"])[0]):
+        assert torch.equal(a, b)
+
+    class Custom(TextEncoder):
+        def __init__(self):
+            super().__init__()
+            self.model, self.max_length, self.embed_dim, self.name = torch.nn.Linear(1, 1), 4, 1, "custom"
+
+    with pytest.raises(ValueError, match="has no spec"):
+        TextConditioner([Custom()]).save_pretrained(tmp_path / "custom")
+    with pytest.raises(TextEncoderNotFoundError, match="not a saved TextConditioner"):
+        TextConditioner.from_pretrained(tmp_path / "missing")

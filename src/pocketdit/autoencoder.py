@@ -100,12 +100,42 @@ class _LatentSpaceMixin:
 # ----------------------------------------------------------------------------------------------------
 # Pixel space
 # ----------------------------------------------------------------------------------------------------
-class PixelSpace(_LatentSpaceMixin, nn.Module):
-    """The identity 'autoencoder': the model denoises RGB pixels in [-1, 1] directly."""
+class PixelSpace(_LatentSpaceMixin, ModelMixin, ConfigMixin):
+    """The identity 'autoencoder': the model denoises RGB pixels in [-1, 1] directly.
 
+    No weights: as a pipeline component `save_pretrained` writes only `config.json` (`_class_name` PixelSpace).
+    """
+
+    config_name = "config.json"
     latent_channels = 3
     downsample_factor = 1
     name = "pixel"
+
+    @register_to_config
+    def __init__(self):
+        super().__init__()
+
+    # No parameters to ask (ModelMixin's dtype/device look at parameters; DiffusionPipeline.to asks for them).
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.save_config(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike, None] = None, **kwargs) -> "PixelSpace":
+        """The config in the directory is checked; loading kwargs (torch_dtype, device_map, ...) do not apply."""
+        if pretrained_model_name_or_path is not None:
+            path = Path(pretrained_model_name_or_path) / "config.json"
+            if not path.is_file() or _read_config(path.parent).get("_class_name") != "PixelSpace":
+                raise AutoencoderNotFoundError(f"{path} does not describe a PixelSpace autoencoder")
+        return cls()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images, 3, 1, "PixelSpace")
@@ -381,7 +411,7 @@ def _resolve_model_dir(path: Union[str, os.PathLike], what: str) -> Path:
     return p
 
 
-class DiffusersAutoencoder(_LatentSpaceMixin, nn.Module):
+class DiffusersAutoencoder(_LatentSpaceMixin, ModelMixin):
     """A diffusers VAE behind the PocketDiT autoencoder interface, with its latent normalisation applied.
 
     normalised = (z - shift) * scale, per channel where the config has latents_mean/latents_std:
@@ -391,6 +421,9 @@ class DiffusersAutoencoder(_LatentSpaceMixin, nn.Module):
       * AutoencoderKLQwenImage: shift = latents_mean, scale = 1 / latents_std; its latents are video-shaped
         (B, C, T, H, W) and images are run as one frame (T = 1).
     KL-family encoders return the posterior mode unless `sample_posterior=True` (then pass a generator).
+
+    As a pipeline component `save_pretrained(dir)` saves the wrapped VAE itself there (its own config.json +
+    weights, so the pipeline directory is self-contained) and `from_pretrained(dir)` loads it back.
     """
 
     def __init__(self, vae: nn.Module, name: Optional[str] = None, sample_posterior: bool = False):
@@ -432,10 +465,18 @@ class DiffusersAutoencoder(_LatentSpaceMixin, nn.Module):
         self.register_buffer("latent_scale", scale, persistent=False)
         self.name = name or f"{cls}-f{self._factor}c{c}"
 
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
+        """The wrapped VAE's save_pretrained (kwargs such as safe_serialization go to it)."""
+        self.vae.save_pretrained(save_directory, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, local_dir: Union[str, os.PathLike], torch_dtype: torch.dtype = torch.float32,
-                        sample_posterior: bool = False) -> "DiffusersAutoencoder":
+    def from_pretrained(cls, local_dir: Union[str, os.PathLike], torch_dtype: Optional[torch.dtype] = None,
+                        sample_posterior: bool = False, **kwargs) -> "DiffusersAutoencoder":
+        """A local VAE directory (or a pipeline folder with vae/). Other loading kwargs that DiffusionPipeline
+        passes to every model (device_map, variant, ...) are ignored."""
         import diffusers
+
+        torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
 
         path = _resolve_model_dir(local_dir, "/".join(SUPPORTED_DIFFUSERS_AUTOENCODERS))
         config = _read_config(path)
@@ -508,6 +549,9 @@ def load_autoencoder(spec: Union[str, os.PathLike], device: Union[str, torch.dev
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ValueError(f"autoencoder spec must be 'pixel' or a local directory, got {spec!r}")
     if str(spec).strip().lower() == "pixel":
+        ae = PixelSpace()
+    elif (Path(spec).expanduser() / "config.json").is_file() and _read_config(Path(spec).expanduser()).get(
+            "_class_name") == "PixelSpace":  # a pipeline's autoencoder/ folder
         ae = PixelSpace()
     else:
         path = _resolve_model_dir(spec, "/".join(SUPPORTED_DIFFUSERS_AUTOENCODERS))

