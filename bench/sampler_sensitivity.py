@@ -97,7 +97,7 @@ def main(argv=None):
                 ("fp32 weights rounded to bf16", lambda: rounded(fp32, torch.bfloat16))]
     for r in args.noise:
         variants.append((f"Gaussian noise, {100 * r:g}% of each weight's std", lambda r=r: noisy(fp32, r)))
-    schedule = flow.timestep_schedule(steps, pipe.default_shift).tolist()
+    schedule = flow.timestep_schedule(steps, pipe.shift).tolist()
     for k in args.first_steps:
         if not 0 < k < steps:
             raise SystemExit(f"error: --first-steps {k} must be between 1 and {steps - 1} (the sampler takes {steps} steps)")

@@ -109,6 +109,12 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
     assert set(summary["shapes_eval_fp32_categories"]) == set(result["categories"])
     assert Image.open(out_dir / summary["eval_grid"]).size[0] > 2 * 16
     assert main(["generate", "a red circle", "-m", str(out_dir), "-o", str(image), "--steps", "2"]) == 0
+    # the quantized pipeline is a diffusers pipeline directory too
+    from diffusers import DiffusionPipeline
+
+    assert json.loads((out_dir / "model_index.json").read_text())["transformer"] == ["pocketdit.quantize", "QuantizedPocketDiT"]
+    quantized_pipe = DiffusionPipeline.from_pretrained(str(out_dir))
+    assert quantized_pipe.transformer._pocketdit_quantization["scheme"] == "palettize4"
 
     # calibration follows the guided sampler: per step, the conditional and the unconditional (null text)
     # calls stacked on the same latents, along the trajectory the pipeline itself samples
@@ -122,12 +128,12 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
         x, mask = b["hidden_states"], b["encoder_attention_mask"]
         assert x.shape[0] == 4 and torch.equal(x[:2], x[2:])
         assert (mask[:2].sum(-1) > 0).all() and mask[2:].sum() == 0 and b["encoder_hidden_states"][2:].abs().sum() == 0
-    images = pipe(prompts, num_steps=2, guidance_scale=2.0, seed=0, output_type="pt")
+    images = pipe(prompts, num_inference_steps=2, guidance_scale=2.0, seed=0, output_type="pt").images * 2 - 1
     with torch.no_grad():
         v = model(**batches[1]).sample
     from pocketdit import flow
 
-    t = flow.timestep_schedule(2, pipe.default_shift)
+    t = flow.timestep_schedule(2, pipe.shift)
     guided = v[2:] + 2.0 * (v[:2] - v[2:])
     x0 = batches[1]["hidden_states"][:2] + (t[2] - t[1]) * guided
     assert torch.allclose(pipe.autoencoder.decode(x0).clamp(-1, 1), images, atol=1e-4)

@@ -174,12 +174,14 @@ def cmd_generate(args) -> int:
     if isinstance(pipe, int):
         return pipe
     size = args.size
+    if args.shift is not None:  # the shift lives in the scheduler's config
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     try:
         images = pipe(
-            args.prompts * args.num_images, num_steps=args.steps, guidance_scale=args.guidance,
+            args.prompts * args.num_images, num_inference_steps=args.steps, guidance_scale=args.guidance,
             height=args.height or size, width=args.width or size,
-            seed=[args.seed + i for i in range(len(args.prompts) * args.num_images)], shift=args.shift,
-        )
+            seed=[args.seed + i for i in range(len(args.prompts) * args.num_images)],
+        ).images
     except InvalidResolutionError as e:
         return _error(str(e))
     out = Path(args.output)

@@ -738,14 +738,16 @@ class Trainer:
         model = self.ema_model()
         if model is None:
             return None
-        from .pipeline import PocketDiTPipeline, make_grid
+        from .pipeline import PocketDiTPipeline, make_grid, make_scheduler
 
-        pipe = PocketDiTPipeline(model, self.method.text_conditioner, self.method.autoencoder)
+        pipe = PocketDiTPipeline(model, make_scheduler(self.config.schedule.shift), self.method.text_conditioner,
+                                 self.method.autoencoder)
+        pipe.set_progress_bar_config(disable=True)
         res = self.config.data.resolution
         images = pipe(
-            list(self.tcfg.sample_prompts), num_steps=self.tcfg.sample_steps, guidance_scale=self.tcfg.sample_guidance,
-            height=res, width=res, seed=self.tcfg.seed, shift=self.config.schedule.shift, progress=False,
-        )
+            list(self.tcfg.sample_prompts), num_inference_steps=self.tcfg.sample_steps,
+            guidance_scale=self.tcfg.sample_guidance, height=res, width=res, seed=self.tcfg.seed,
+        ).images
         out = self.output_dir / "samples" / f"step-{self.step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, scale=max(1, 128 // res)).save(out)

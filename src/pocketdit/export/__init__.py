@@ -109,8 +109,8 @@ class ExportResult:
 def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None, autoencoder: Optional[str] = None) -> DeploymentParts:
     """Transformer (plain or quantized), text conditioner and autoencoder from a checkpoint path.
 
-    `path` may be a pipeline directory (pipeline.json + transformer/), a training run or checkpoint
-    directory, or a bare PocketDiT / quantized PocketDiT directory. `text_encoder` / `autoencoder` specs
+    `path` may be a pipeline directory (model_index.json, or the earlier pipeline.json, + transformer/), a
+    training run or checkpoint directory, or a bare PocketDiT / quantized PocketDiT directory. `text_encoder` / `autoencoder` specs
     ("minilm" / "pixel" / a local directory; "none" to leave out) override what the checkpoint records.
     """
     from ..quantize import load_denoiser
@@ -131,6 +131,19 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         shift = float(meta.get("default_shift", 1.0))
         default_size = meta.get("default_size")
         text_lengths = meta.get("text_max_lengths")
+    elif (p / "model_index.json").is_file():  # PocketDiTPipeline.save_pretrained
+        index = json.loads((p / "model_index.json").read_text())
+        transformer = load_denoiser(p / "transformer")
+        if text_encoder is None:
+            from ..text import TextConditioner
+
+            text = TextConditioner.from_pretrained(p / "text_conditioner")
+        if autoencoder is None:
+            autoencoder = str(p / "autoencoder")
+        scheduler_config = p / "scheduler" / "scheduler_config.json"
+        shift = float(json.loads(scheduler_config.read_text()).get("shift", 1.0)) if scheduler_config.is_file() else 1.0
+        default_size = index.get("default_size")
+        text_lengths = None
     elif _is_pocketdit_dir(p) or _is_pocketdit_dir(p / "transformer"):
         transformer = load_denoiser(p)
         text_lengths = None
@@ -141,7 +154,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         transformer = pipe.transformer.eval()
         text = None if text_encoder == "none" else pipe.text_conditioner
         ae = None if autoencoder == "none" else pipe.autoencoder
-        return DeploymentParts(transformer, text, ae, pipe.default_shift, str(p), pipe.default_size)
+        return DeploymentParts(transformer, text, ae, pipe.shift, str(p), pipe.default_size)
     if text_encoder and text_encoder != "none":
         from ..text import build_text_conditioner
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -127,7 +126,7 @@ def trajectory_calibration(
             return flow.classifier_free_guidance(*v.chunk(2), guidance)
 
         # the guided velocity comes back from the "conditional" call; the unconditional one is then not needed
-        flow.euler_sample(denoise, noise, num_steps, shift=pipe.default_shift, guidance_scale=1.0)
+        flow.euler_sample(denoise, noise, num_steps, shift=pipe.shift, guidance_scale=1.0)
     return batches
 
 
@@ -141,11 +140,15 @@ def _eval_prompts(n: int, calibration: bool = False) -> list[str]:
     return prompts[int(calibration) :: step][:n]
 
 
-def _images(pipe, transformer, prompts, steps, seed):
+def _images(pipe, transformer, prompts, steps, seed, height=None, width=None):
+    """Images in [-1, 1] from `transformer` in `pipe`, one seed per image (seed + i)."""
     original = pipe.transformer
     pipe.transformer = transformer
+    pipe.set_progress_bar_config(disable=True)
     try:
-        return pipe(prompts, num_steps=steps, seed=[seed + i for i in range(len(prompts))], output_type="pt", progress=False)
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        out = pipe(prompts, num_inference_steps=steps, seed=seeds, height=height, width=width, output_type="pt")
+        return out.images * 2 - 1
     finally:
         pipe.transformer = original
 
@@ -156,12 +159,7 @@ def _shapes_eval(pipe, transformer, steps, seed, images_per_prompt: int = 1) -> 
     size = pipe.default_size or 32
 
     def generate(prompts, seeds):
-        original = pipe.transformer
-        pipe.transformer = transformer
-        try:
-            return pipe(prompts, num_steps=steps, seed=seeds, output_type="pt", progress=False, height=size, width=size)
-        finally:
-            pipe.transformer = original
+        return _images(pipe, transformer, prompts, steps, seeds, height=size, width=size)
 
     return evaluate_generator(generate, size, images_per_prompt=images_per_prompt, seed=seed)
 
@@ -226,10 +224,13 @@ def quantize_command(argv: Sequence[str]) -> int:
     quantized._pocketdit_quantization.setdefault("report", report.to_dict() if report else {})
     out = Path(args.output)
     if pipe is not None:
-        # A pipeline in, a pipeline out: same text encoder/autoencoder specs, quantized transformer/.
-        pipe.save_pretrained(out)
-        shutil.rmtree(out / "transformer")
-        meta = Q.save_quantized(quantized, out / "transformer")
+        # A pipeline in, a pipeline out: same scheduler, text encoder and autoencoder, quantized transformer/.
+        pipe.transformer = quantized
+        try:
+            pipe.save_pretrained(out)
+        finally:
+            pipe.transformer = fp32
+        meta = json.loads((out / "transformer" / Q.QUANT_CONFIG_NAME).read_text())
     else:
         meta = Q.save_quantized(quantized, out)
     seconds = time.perf_counter() - t0
