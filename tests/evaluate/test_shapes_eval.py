@@ -1,4 +1,5 @@
-"""Tests for ShapesEval: the detector and the GenEval-style scoring on shapes prompts."""
+"""Tests for ShapesEval: the detector and the GenEval-style scoring, on the v1 prompts (canonical captions).
+The v2 prompt set, the strict rule, the seeds and the intervals: test_shapes_eval_v2.py."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from pocketdit.evaluate.shapes_eval import (
     evaluate,
     evaluate_generator,
     ground_truth_fn,
+    image_seed,
     load_prompts,
     render_prompt,
     save_grid,
@@ -53,6 +55,7 @@ def test_ground_truth_renders_score_at_least_098(resolution):
         result = evaluate(images, PROMPTS)
         failures = [(r["prompt"], r["reason"]) for r in result["results"] if not r["passed"]]
         assert result["overall"] >= 0.98, failures
+        assert result["strict_overall"] >= 0.98, [(r["prompt"], r["strict_reason"]) for r in result["results"]]
         assert set(result["categories"]) == set(CATEGORIES)
         assert min(result["categories"].values()) >= 0.9, result["categories"]
 
@@ -153,21 +156,24 @@ def test_evaluate_generator_and_grid(tmp_path):
             for p, s in zip(prompts, seeds)
         ])
 
-    result = evaluate_generator(ground_truth, resolution=32, images_per_prompt=2, batch_size=7,
+    result = evaluate_generator(ground_truth, resolution=32, images_per_prompt=2, batch_size=7, version="v1",
                                 categories=["counting", "colors"], return_images=True)
     assert sum(calls) == 2 * (12 + 24) and max(calls) <= 7
     assert set(result["categories"]) == {"counting", "colors"}
     assert result["num_images"] == {"counting": 24, "colors": 48}
     assert result["overall"] >= 0.98
-    assert [r["seed"] for r in result["results"][:2]] == [0, 1]
+    first = result["results"][0]["id"]
+    assert [r["seed"] for r in result["results"][:2]] == [image_seed(0, first, 0), image_seed(0, first, 1)]
+    assert result["version"] == "v1" and result["phrasing"] == "canonical"
 
-    position = evaluate_generator(ground_truth_fn(32), resolution=32, images_per_prompt=1, categories=["position"])
+    position = evaluate_generator(ground_truth_fn(32), resolution=32, images_per_prompt=1, version="v1",
+                                  categories=["position"])
     assert position["num_images"] == {"position": 24} and position["overall"] >= 0.98
 
     def blank(prompts, seeds):
         return torch.zeros(len(prompts), 3, 32, 32)
 
-    assert evaluate_generator(blank, resolution=32, images_per_prompt=1)["overall"] == 0.0
+    assert evaluate_generator(blank, resolution=32, images_per_prompt=1, version="v1")["overall"] == 0.0
     with pytest.raises(ValueError, match="32x32"):
         evaluate_generator(lambda p, s: torch.zeros(len(p), 3, 16, 16), resolution=32, images_per_prompt=1)
 
