@@ -135,7 +135,7 @@ def _eval_prompts(n: int, calibration: bool = False) -> list[str]:
     prompt after each evaluation prompt), so quantization is not tuned on the prompts it is judged on."""
     from ..evaluate.shapes_eval import load_prompts
 
-    prompts = [p["prompt"] for p in load_prompts()]
+    prompts = [p["prompt"] for p in load_prompts("v1")]  # pinned: the prompts BENCHMARKS and the deployment docs used
     step = max(2, len(prompts) // n)
     return prompts[int(calibration) :: step][:n]
 
