@@ -72,7 +72,10 @@ def cluttered_fn(resolution: int, extra: int = 1, prompts: Sequence[dict] | None
                                          "centre": [box[0], box[1]], "size": size})
             else:
                 return render_scene(scene, resolution)
-        raise RuntimeError(f"could not add {extra} objects to {prompt['prompt']!r}")
+        # crowded (four counted objects): lay everything out together, all at counting's sizes
+        crowded = {"category": "counting", "relation": None, "objects": prompt["objects"] + [
+            {"shape": others[int(rng.integers(len(others)))], "colour": None, "count": 1} for _ in range(extra)]}
+        return render_scene(layout_scene(rng, crowded), resolution)
 
     return lambda texts, seeds: [cluttered(shapes_eval._as_prompt(t, by_text), s) for t, s in zip(texts, seeds)]
 
