@@ -45,7 +45,7 @@ def _scene(*objects, category, relation=None):
 
 
 def _verdicts(image, prompt):
-    detections = detect_objects(image)
+    detections = detect_objects(image, keep_unrecognised=True)
     return score_detections(detections, prompt)[0], score_strict(detections, prompt)[0]
 
 
@@ -337,3 +337,18 @@ def test_pipeline_generate_fn_gives_each_image_its_own_noise(one_thread):
     assert not torch.allclose(generate(["b"], [9]), alone)
     shifted = shapes_eval.pipeline_generate_fn(pipe, 16, num_steps=2, guidance_scale=1.0, shift=3.0)
     assert not torch.allclose(shifted(["b"], [8]), alone) and pipe.shift == 1.0  # scheduler put back
+
+
+def test_a_blob_of_no_known_shape_is_clutter_for_the_strict_rule_only():
+    from PIL import Image, ImageDraw
+
+    from pocketdit.evaluate.shapes_eval import UNRECOGNISED
+
+    circle = next(p for p in V2 if p["category"] == "single_object" and p["objects"][0]["shape"] == "circle")
+    image = render_scene(_scene(("circle", "red", (0.3, 0.3), 0.4), category="single_object"), 64)
+    ImageDraw.Draw(image).polygon([(36, 40), (62, 36), (44, 62), (50, 46)], fill=(140, 40, 200))  # a purple dart
+    detections = detect_objects(image, keep_unrecognised=True)
+    assert [d.shape for d in detections] == ["circle", UNRECOGNISED]
+    assert [d.shape for d in detect_objects(image)] == ["circle"]  # the default: only shapes
+    assert _verdicts(image, circle) == (True, False)
+    assert "no known shape" in score_strict(detections, circle)[1]

@@ -18,10 +18,11 @@ Each image gets two verdicts:
 
 - **GenEval rule** (``score_detections``): what the paper checks, for comparison with its numbers. Objects
   of other shapes are allowed everywhere; only ``counting`` rejects extra objects of the counted shape.
-- **strict** (``score_strict``): exactly the named objects and nothing else, and no detected shape whose box
-  sides fall outside the sizes the dataset draws for the category (``SIZE_RANGES``, widened by
-  ``SIZE_TOLERANCE`` for the detector's error). A model that scatters shapes, or paints one huge shape,
-  passes the GenEval rule far more often than it passes this.
+- **strict** (``score_strict``): exactly the named objects and nothing else (an object-sized coloured blob
+  that matches no shape template counts as something else), and no detected shape whose box sides fall
+  outside the sizes the dataset draws for the category (``SIZE_RANGES``, widened by ``SIZE_TOLERANCE`` for
+  the detector's error). A model that scatters shapes, or paints one huge shape, passes the GenEval rule
+  far more often than it passes this.
 
 Per category, a score is the fraction of images that pass; the overall score is the mean of the six
 category scores (GenEval's convention). Images of one prompt are correlated (same text, same ground
@@ -76,6 +77,7 @@ __all__ = [
     "SIZE_RANGES",
     "SIZE_TOLERANCE",
     "ShapesEvalConfig",
+    "UNRECOGNISED",
     "build_prompt_set",
     "compare",
     "detect_objects",
@@ -100,6 +102,7 @@ __all__ = [
 DEFAULT_VERSION = "v2"
 DEFAULT_STEPS = 28  # sampling steps models are judged at (issue 13), whatever their pipeline's default
 RULES: tuple[str, ...] = ("geneval", "strict")
+UNRECOGNISED = "unrecognised"  # Detection.shape of a blob that matches no shape template (strict rule only)
 V2_SEED = 13  # build_prompt_set's seed for the shipped v2 file (issue 13)
 V2_PROMPTS_PER_CATEGORY = 24  # = every colors spec and every position spec once; see build_prompt_set
 # The box sides the dataset draws per category (fractions of the image side); a strict pass needs every
@@ -507,9 +510,12 @@ def _fit_shape(soft: np.ndarray, y0: int, x0: int) -> tuple[str | None, float, t
     return best
 
 
-def detect_objects(image: Any, config: ShapesEvalConfig | None = None) -> list[Detection]:
+def detect_objects(image: Any, config: ShapesEvalConfig | None = None, keep_unrecognised: bool = False
+                   ) -> list[Detection]:
     """Coloured shapes in ``image`` (PIL, uint8 (H, W, 3) array or tensor (3, H, W) in [-1, 1]), most
-    confident (highest template IoU) first.
+    confident (highest template IoU) first. With ``keep_unrecognised``, object-sized blobs that match no
+    shape template well enough come last, as ``shape=UNRECOGNISED`` with their pixel bounding box (the
+    strict rule counts them as extra objects; GenEval's rule does not see them).
 
     Per pixel, the *coverage* of the nearest-hue palette colour is its chroma over the palette colour's
     chroma: on a neutral background of any brightness an antialiased or blurred edge keeps the hue and
@@ -556,7 +562,12 @@ def detect_objects(image: Any, config: ShapesEvalConfig | None = None) -> list[D
             soft = np.where(region, coverage[y0:y1, x0:x1], 0.0).astype(np.float32)
             shape, iou, (cx, cy, w, h) = _fit_shape(soft, y0, x0)
             if shape is None or iou < config.min_iou:
-                continue
+                if keep_unrecognised:
+                    cx, cy = (cols.start + cols.stop) / 2, (rows.start + rows.stop) / 2
+                    w, h = box_w, box_h
+                    shape, iou = UNRECOGNISED, min(iou, config.min_iou)
+                else:
+                    continue
             detections.append(
                 Detection(
                     shape=shape,
@@ -618,6 +629,7 @@ def score_detections(detections: Sequence[Detection], prompt: dict) -> tuple[boo
     one); ``counting`` also needs no more than ``count``; ``position`` needs every subject detection to stand
     in the relation to every detection of the other group. Extra objects of other shapes are allowed."""
     prompt = _as_prompt(prompt)
+    detections = [d for d in detections if d.shape != UNRECOGNISED]  # GenEval's detector sees only its classes
     matched: list[list[Detection] | None] = []
     passed, reasons = True, []
     for group in prompt["objects"]:
@@ -652,14 +664,18 @@ def score_strict(detections: Sequence[Detection], prompt: dict, size_tolerance: 
     detections as the prompt names objects, each group matched by exactly ``count`` detections of its shape
     (and colour, when named), the relation holding as in GenEval, and every detected box side within the
     category's ``SIZE_RANGES`` widened by ``size_tolerance`` (relative). So clutter, a missing or doubled
-    object, or a shape blown up (or squashed) beyond what the dataset draws all fail."""
+    object, or a shape blown up (or squashed) beyond what the dataset draws all fail. Pass the detections
+    of ``detect_objects(..., keep_unrecognised=True)`` so that object-sized blobs of no known shape count
+    as clutter too."""
     prompt = _as_prompt(prompt)
     reasons = []
     lo, hi = SIZE_RANGES[prompt["category"]]
     lo, hi = lo * (1 - size_tolerance), hi * (1 + size_tolerance)
     for d in detections:
         width, height = d.box[2] - d.box[0], d.box[3] - d.box[1]
-        if not (lo <= width <= hi and lo <= height <= hi):
+        if d.shape == UNRECOGNISED:
+            reasons.append(f"a {d.colour} blob of no known shape ({width:.2f} x {height:.2f})")
+        elif not (lo <= width <= hi and lo <= height <= hi):
             reasons.append(f"{d.colour} {d.shape} is {width:.2f} x {height:.2f}, outside [{lo:.2f}, {hi:.2f}]")
     wanted = sum(int(g.get("count", 1)) for g in prompt["objects"])
     if len(detections) != wanted:
@@ -686,12 +702,12 @@ def score_image(image: Any, prompt: dict | str, config: ShapesEvalConfig | None 
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not one of {RULES}")
     score = score_detections if rule == "geneval" else score_strict
-    return score(detect_objects(image, config), _as_prompt(prompt))[0]
+    return score(detect_objects(image, config, keep_unrecognised=True), _as_prompt(prompt))[0]
 
 
 def _score(image: Any, prompt: dict, config: ShapesEvalConfig | None) -> dict:
-    """One image's per-image result (both rules, the detections)."""
-    detections = detect_objects(image, config)
+    """One image's per-image result (both rules, the detections, unrecognised blobs included)."""
+    detections = detect_objects(image, config, keep_unrecognised=True)
     passed, reason = score_detections(detections, prompt)
     strict, strict_reason = score_strict(detections, prompt)
     return {
