@@ -1,0 +1,34 @@
+"""Built-in models: small committed weights that install with the package (``pocketdit.checkpoints``).
+
+Each subdirectory is a saved ``PocketDiTPipeline`` (model_index.json, fp16 safetensors) that
+``pocketdit generate -m NAME`` and ``PocketDiTPipeline.from_pretrained(builtin_model_path(NAME))`` load. In a
+source checkout this is the repository's top-level ``checkpoints/`` directory; setuptools maps it into the
+package (pyproject.toml), so a wheel carries the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["DEFAULT_MODEL", "builtin_models", "builtin_model_path"]
+
+# The model `pocketdit generate` uses without -m: the shapes base until a distilled default replaces it.
+DEFAULT_MODEL = "shapes-base"
+
+_ROOT = Path(__file__).resolve().parent
+
+
+def builtin_models() -> list[str]:
+    """Names of the built-in models that are installed (directories with a model_index.json)."""
+    return sorted(p.name for p in _ROOT.iterdir() if (p / "model_index.json").is_file())
+
+
+def builtin_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """The directory of built-in model ``name``; a clear error when it is not installed."""
+    path = _ROOT / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"built-in model {name!r} is not installed (have: {builtin_models() or 'none'}); pass -m with a pipeline, "
+            "training run or checkpoint directory"
+        )
+    return path
