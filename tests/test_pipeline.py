@@ -191,18 +191,12 @@ def test_invalid_inputs_are_clear_errors():
         pipe("a", steps=3)
 
 
-def test_the_earlier_call_is_still_served_with_its_semantics():
+def test_the_earlier_call_keywords_are_errors_that_name_their_replacements():
     pipe = make_pipe(1.0)
-    with pytest.warns(FutureWarning, match="'num_steps' -> num_inference_steps"):
-        old = pipe(["x", "y"], num_steps=3, height=16, width=16, seed=[1, 2], shift=2.0, output_type="pt", progress=False)
-    new = make_pipe(2.0)(["x", "y"], num_inference_steps=3, height=16, width=16, seed=[1, 2], output_type="pt").images
-    assert torch.is_tensor(old) and old.min() < 0  # bare tensor in [-1, 1]
-    assert torch.allclose(old, new * 2 - 1, atol=1e-6)
-    assert pipe.shift == 1.0  # shift= used a scheduler copy for that call only
-    with pytest.warns(FutureWarning):
-        default_seed = pipe(prompts=["x"], num_steps=2, height=16, width=16, output_type="pt", progress=False)
-        seed0 = pipe(["x"], num_steps=2, height=16, width=16, seed=0, output_type="pt", progress=False)
-    assert torch.equal(default_seed, seed0)
+    with pytest.raises(TypeError, match="'num_steps' -> num_inference_steps"):
+        pipe(["x"], num_steps=3, height=16, width=16)
+    with pytest.raises(TypeError, match="'progress' -> pipe.set_progress_bar_config"):
+        pipe(prompts=["x"], progress=False)
 
 
 def test_mismatched_components_are_rejected():

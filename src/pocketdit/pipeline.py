@@ -36,11 +36,6 @@ so it attends only to its learned null token - exactly the input caption dropout
 with `negative_prompt`, the negative prompt's states and masks. The two branches run as two forward calls
 (batching them changes results by float rounding, and guided sampling is chaotic enough to flip images).
 
-The earlier call (`pipe(prompts, num_steps=..., seed=..., shift=..., output_type="pt", progress=False)`) is
-still served, with a FutureWarning: any of its keywords (prompts, num_steps, shift, progress) selects its
-semantics - a bare return value, "pt" in [-1, 1], seed 0 by default - so callers written for it keep their
-results until they move to the diffusers call.
-
 Per-image noise: pass `generator=[torch.Generator().manual_seed(s) for s in seeds]` (one per image) or,
 equivalently, `seed=seeds`; image i's noise then depends only on seeds[i], not on the batch it is in.
 """
@@ -78,8 +73,8 @@ MODEL_INDEX_FILE = "model_index.json"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COMPONENTS = ("transformer", "scheduler", "text_conditioner", "autoencoder")
 
-# Keywords of the earlier PocketDiTPipeline.__call__ (still accepted, see `__call__`) and what replaced them.
-_LEGACY_CALL_ARGS = {
+# Keywords of the earlier PocketDiTPipeline.__call__ and what replaced them (named in the TypeError).
+_RENAMED_CALL_ARGS = {
     "prompts": "prompt",
     "num_steps": "num_inference_steps",
     "shift": "the scheduler's config (pipe.scheduler = make_scheduler(shift); pipe.shift reads it)",
@@ -378,58 +373,24 @@ class PocketDiTPipeline(DiffusionPipeline):
                 scheduler applies its shift and appends 0. Default linspace(1, 0, steps + 1)[:-1].
         Returns ImagePipelineOutput(images=...), or (images,) when return_dict is False.
         """
-        scheduler = self.scheduler
-        legacy = bool(kwargs)
         if kwargs:
-            unknown = sorted(k for k in kwargs if k not in _LEGACY_CALL_ARGS)
-            if unknown:
-                raise TypeError(f"PocketDiTPipeline() got unexpected keyword arguments {unknown}")
-            # The earlier call (prompts=, num_steps=, shift=, progress=): its semantics, bare return value and
-            # output_type "pt" in [-1, 1] included, so that callers written for it keep their results.
-            warnings.warn(
-                "PocketDiTPipeline: " + ", ".join(f"{k!r} -> {_LEGACY_CALL_ARGS[k]}" for k in kwargs)
-                + ". The earlier call is still served (bare return value, 'pt' in [-1, 1]); the diffusers call returns "
-                "ImagePipelineOutput and 'pt' in [0, 1]",
-                FutureWarning,
-                stacklevel=3,
+            hints = [f"{k!r} -> {_RENAMED_CALL_ARGS[k]}" for k in kwargs if k in _RENAMED_CALL_ARGS]
+            raise TypeError(
+                f"PocketDiTPipeline() got unexpected keyword arguments {sorted(kwargs)}"
+                + (f" (the diffusers call: {'; '.join(hints)})" if hints else "")
             )
-            if "prompts" in kwargs:
-                if prompt is not None:
-                    raise TypeError("pass prompt or prompts, not both")
-                prompt = kwargs["prompts"]
-            if kwargs.get("num_steps") is not None:
-                if num_inference_steps is not None:
-                    raise TypeError("pass num_inference_steps or num_steps, not both")
-                num_inference_steps = kwargs["num_steps"]
-            if generator is not None:
-                seed = None  # the earlier call: generator overrides seed
-            elif seed is None and latents is None:
-                seed = 0  # the earlier call's default
-            if kwargs.get("shift") is not None:
-                scheduler = type(scheduler).from_config(scheduler.config, shift=float(kwargs["shift"]))
-            return_dict = False
-        progress = kwargs.get("progress", True)
-        restore_bar = getattr(self, "_progress_bar_config", None)
-        if not progress:
-            self.set_progress_bar_config(**{**(restore_bar or {}), "disable": True})
-        try:
-            images = self._generate(
-                scheduler, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                num_images_per_prompt, generator, latents, output_type, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, sigmas, seed, legacy_pt=legacy,
-            )
-        finally:
-            if not progress:
-                self._progress_bar_config = restore_bar if restore_bar is not None else {}
-        if legacy:
-            return images
+        images = self._generate(
+            self.scheduler, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+            num_images_per_prompt, generator, latents, output_type, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, sigmas, seed,
+        )
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
 
     def _generate(self, scheduler, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                   num_images_per_prompt, generator, latents, output_type, callback_on_step_end,
-                  callback_on_step_end_tensor_inputs, sigmas, seed, legacy_pt=False):
+                  callback_on_step_end_tensor_inputs, sigmas, seed):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         prompts = _prompt_list(prompt)
@@ -505,7 +466,7 @@ class PocketDiTPipeline(DiffusionPipeline):
                 if output_type == "pil":
                     images = tensor_to_pil(decoded)
                 elif output_type == "pt":
-                    images = decoded if legacy_pt else (decoded + 1) / 2
+                    images = (decoded + 1) / 2
                 else:
                     images = ((decoded + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         finally:

@@ -1,6 +1,7 @@
 """FID with the bundled Inception. Tiny: 6 + 6 + 6 images (about 1 s each on a busy 2-core CPU)."""
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -135,9 +136,10 @@ def test_evaluate_pipeline_fid_plumbing(tmp_path, monkeypatch):
         def __init__(self, images):
             self.images, self.calls = list(images), []
 
-        def __call__(self, prompts, num_steps, guidance_scale, height, width, seed, output_type, progress):
+        def __call__(self, prompts, num_inference_steps, guidance_scale, height, width, seed, output_type):
+            # the diffusers call: ImagePipelineOutput, "pt" in [0, 1]
             self.calls.append((list(prompts), height, width, list(seed), output_type))
-            return torch.stack([self.images.pop(0) for _ in prompts])
+            return SimpleNamespace(images=(torch.stack([self.images.pop(0) for _ in prompts]) + 1) / 2)
 
     perfect = StubPipeline(reference)
     score = fid.evaluate_pipeline_fid(perfect, resolution=16, num_images=5, batch_size=2, cache_dir=str(tmp_path))

@@ -374,11 +374,13 @@ def evaluate_pipeline_fid(
     dataset = EmojiDataset(resolution=resolution, augment=False)
     captions = [emoji_caption(dataset.emoji[i % len(dataset.emoji)][1]) for i in _spread_indices(len(dataset), num_images)]
     generated = []
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(disable=True)  # one bar for the whole run, not one per batch
     for start in tqdm(range(0, num_images, batch_size), desc="generating for FID", unit="batch"):
         prompts = captions[start : start + batch_size]
         images = pipeline(
-            prompts, num_steps=num_steps, guidance_scale=guidance_scale, height=resolution, width=resolution,
-            seed=[seed + start + i for i in range(len(prompts))], output_type="pt", progress=False,
-        )
-        generated.append(images.detach().float().cpu().clamp(-1, 1))
+            prompts, num_inference_steps=num_steps, guidance_scale=guidance_scale, height=resolution,
+            width=resolution, seed=[seed + start + i for i in range(len(prompts))], output_type="pt",
+        ).images  # [0, 1]
+        generated.append((images.detach().float().cpu() * 2 - 1).clamp(-1, 1))
     return compute_fid(reference, torch.cat(generated), batch_size=batch_size)
