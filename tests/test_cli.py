@@ -150,6 +150,16 @@ def test_generate_from_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_generate_without_model_names_the_missing_builtin(tmp_path, capsys, monkeypatch):
+    import pocketdit.checkpoints as builtin
+
+    monkeypatch.setattr(builtin, "_ROOT", tmp_path)  # an install without built-in weights
+    assert main(["generate", "x", "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "built-in model 'shapes-base' is not installed" in err and "-m" in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_forwarded_commands_reach_their_backend(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--help"])

@@ -143,13 +143,24 @@ def cmd_train(args, overrides: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------------------------------
 # generate
 # ----------------------------------------------------------------------------------------------------
-def _load_pipeline(path: str, device: str, ema: bool):
+def resolve_model_argument(model) -> str:
+    """-m: a directory, or the name of a built-in model (pocketdit.checkpoints); None = the built-in default."""
+    from .checkpoints import DEFAULT_MODEL, builtin_model_path, builtin_models
+
+    if model is None:
+        return str(builtin_model_path(DEFAULT_MODEL))
+    if not Path(model).exists() and model in builtin_models():
+        return str(builtin_model_path(model))
+    return model
+
+
+def _load_pipeline(path, device: str, ema: bool):
     import torch
 
     from .pipeline import PocketDiTPipeline
 
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return PocketDiTPipeline.from_pretrained(path, device=dev, ema=ema)
+    return PocketDiTPipeline.from_pretrained(resolve_model_argument(path), device=dev, ema=ema)
 
 
 def _pipeline_for_command(args):
@@ -346,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images from prompts")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
     p.add_argument("-o", "--output", default="out.png", help="output PNG (several images: a grid, or -NNN files)")
-    p.add_argument("-m", "--model", required=True, help="pipeline directory, training run directory or checkpoint")
+    p.add_argument("-m", "--model", default=None,
+                   help="pipeline directory, training run directory, checkpoint, or a built-in model's name "
+                   "(default: the built-in shapes-base)")
     p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--size", type=_positive_int, default=None, help="image side (default: the model's training size)")
