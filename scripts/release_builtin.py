@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     import yaml
 
     from pocketdit import PocketDiTPipeline
-    from pocketdit.trainer import resolve_checkpoint
+    from pocketdit.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
     state = json.loads((ckpt / "trainer_state.json").read_text())

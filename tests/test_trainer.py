@@ -21,13 +21,8 @@ from pocketdit.config import load_config
 from pocketdit.methods import build_method
 from pocketdit.methods.pretrain import FlowMatchingPretrain
 from pocketdit.model import PocketDiT
-from pocketdit.trainer import (
-    CheckpointError,
-    NonFiniteLossError,
-    Trainer,
-    load_checkpoint_weights,
-    resolve_checkpoint,
-)
+from pocketdit.checkpoint import CheckpointError, load_checkpoint_weights, resolve_checkpoint
+from pocketdit.trainer import NonFiniteLossError, Trainer
 
 torch.set_num_threads(1)  # tiny ops: OpenMP threads only add contention on a shared CPU
 
@@ -145,9 +140,9 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    import pocketdit.trainer as trainer_mod
+    import pocketdit.checkpoint as checkpoint_mod
 
-    real = trainer_mod._save_weights_dir
+    real = checkpoint_mod.save_weights_dir
     calls = {"n": 0}
 
     def flaky(directory, *args, **kwargs):
@@ -158,10 +153,10 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real(directory, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "_save_weights_dir", flaky)
+    monkeypatch.setattr(checkpoint_mod, "save_weights_dir", flaky)
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, 6)
-    monkeypatch.setattr(trainer_mod, "_save_weights_dir", real)
+    monkeypatch.setattr(checkpoint_mod, "save_weights_dir", real)
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-0000003"
     assert not (tmp_path / "checkpoint-0000006").exists()
     assert list(tmp_path.glob("checkpoint-0000006.tmp-*"))  # the half-written one never got its final name
@@ -271,10 +266,10 @@ def _distributed_worker(strategy: str, out: str):
                       "--train.checkpoint_every", "2")
     trainer = Trainer(make_method(), make_dataset(), cfg)
     losses = trainer.train()
-    from pocketdit.trainer import _full_tensor
+    from pocketdit.distributed import full_tensor
 
     # gathers each FSDP2 shard (collective, same order on every rank); plain tensors under DDP
-    mine = sum(_full_tensor(p.detach()).double().sum().item() for p in trainer.model.parameters())
+    mine = sum(full_tensor(p.detach()).double().sum().item() for p in trainer.model.parameters())
     sums = [None, None]
     dist.all_gather_object(sums, mine)
     cfg2 = make_config(out / "run", 6, "--train.distributed", strategy, "--data.batch_size", "2",

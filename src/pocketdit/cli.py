@@ -113,7 +113,8 @@ def cmd_train(args, overrides: Sequence[str]) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from .trainer import CheckpointError, NonFiniteLossError, build_trainer
+    from .checkpoint import CheckpointError
+    from .trainer import NonFiniteLossError, build_trainer
 
     try:
         trainer = build_trainer(cfg)
@@ -165,7 +166,7 @@ def _load_pipeline(path, device: str, ema: bool):
 
 def _pipeline_for_command(args):
     """Apply --threads and load the pipeline named by -m; an exit code (after printing why) if it cannot."""
-    from .trainer import CheckpointError
+    from .checkpoint import CheckpointError
 
     if args.threads:
         import torch

@@ -65,6 +65,7 @@ from . import flow
 from . import model as _model  # noqa: F401
 from . import quantize as _quantize
 from . import text as _text  # noqa: F401
+from .checkpoint import CheckpointError, load_checkpoint_weights, resolve_checkpoint
 
 __all__ = ["PocketDiTPipeline", "ImagePipelineOutput", "make_scheduler", "make_grid", "tensor_to_pil"]
 
@@ -628,7 +629,6 @@ class PocketDiTPipeline(DiffusionPipeline):
         Components passed as kwargs (transformer=, scheduler=, text_conditioner=, autoencoder=) are used instead."""
         from .autoencoder import load_autoencoder
         from .text import build_text_conditioner
-        from .trainer import CheckpointError, load_checkpoint_weights, resolve_checkpoint
 
         ckpt = resolve_checkpoint(path)
         state_file = ckpt / "trainer_state.json"

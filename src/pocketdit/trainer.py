@@ -1,17 +1,12 @@
-"""The training loop: devices, torchrun (DDP / FSDP2), AdamW + warm-up, grad clipping, EMA, checkpoints, logs.
+"""The training loop: devices, AdamW + warm-up, grad clipping, EMA, checkpoints, logs, sample grids.
 
 A training method (pocketdit.methods) turns a batch into losses; the Trainer does everything else:
 
     trainer = build_trainer(load_config("configs/shapes_nano.yaml", ["--train.steps", "100"]))
     trainer.train()
 
-Checkpoints are directories `output_dir/checkpoint-XXXXXXX/`:
-    transformer/  config.json + diffusion_pytorch_model.safetensors   (diffusers layout, from_pretrained works)
-    ema/          the same, with the EMA weights
-    optimizer.pt  AdamW state (loaded with torch.load(weights_only=True))
-    rng.safetensors + trainer_state.json   RNG states of every rank, step, data position, config
-They are written to `checkpoint-XXXXXXX.tmp-*` and renamed when complete; `output_dir/latest` (written
-then renamed) names the newest. A crash mid-save therefore never damages the previous checkpoint.
+Checkpoints (`output_dir/checkpoint-XXXXXXX/`, written atomically) are described in pocketdit.checkpoint;
+torchrun (DDP / FSDP2) set-up lives in pocketdit.distributed and the weight average in pocketdit.ema.
 
 Resuming restores weights, EMA, optimizer, step, the data position (the order is a seeded permutation
 per epoch, so it is a pure function of seed, epoch and position) and every RNG the method draws from,
@@ -22,38 +17,53 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    MODEL_WEIGHTS,
+    CheckpointError,
+    check_checkpoint_files,
+    clean_temp_dirs,
+    load_optimizer_state,
+    load_pretrained_transformer,
+    prune_checkpoints,
+    read_safetensors,
+    read_training_state,
+    resolve_checkpoint,
+    restore_rng_state,
+    rng_state,
+    write_checkpoint,
+)
 from .config import TrainConfig, config_to_dict
+from .distributed import (
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    load_full_model_state,
+    load_full_optimizer_state,
+    setup_distributed,
+    wrap_model,
+)
+from .ema import EMA
 
 __all__ = [
     "Trainer",
     "build_trainer",
     "build_components",
-    "CheckpointError",
     "NonFiniteLossError",
     "EpochBatchSampler",
-    "load_checkpoint_weights",
-    "resolve_checkpoint",
+    "plot_metrics",
 ]
-
-MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or unreadable."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,76 +72,6 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, step: int, epoch: int, batch_index: int):
         super().__init__(message)
         self.step, self.epoch, self.batch_index = step, epoch, batch_index
-
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed set-up
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    strategy: str = "none"  # "none", "ddp", "fsdp"
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(strategy: str = "auto", device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1); pick the device."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={device!r} asks for CUDA but torch.cuda.is_available() is False")
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-    if strategy == "auto":
-        strategy = "ddp" if world > 1 else "none"
-    if world == 1:
-        strategy = "none"  # nothing to shard or synchronise
-    elif strategy == "none":
-        raise ValueError(f"train.distributed='none' but {world} processes were launched; use 'ddp' or 'fsdp'")
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, strategy=strategy, device=dev)
-
-
-def _all_reduce_mean(x: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
-    if dist_info.world_size == 1:
-        return x
-    import torch.distributed as dist
-
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / dist_info.world_size
-
-
-def _barrier(dist_info: DistInfo):
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Gather a sharded DTensor (FSDP2) into a full tensor; plain tensors pass through. Collective for DTensors."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,152 +115,6 @@ def _default_collate(samples):
         out = {"image": torch.stack([s["image"] for s in samples]), "caption": [s["caption"] for s in samples]}
         out["meta"] = [s.get("meta", {}) for s in samples]
         return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# EMA
-# ----------------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the trained parameters (sharded the same way under FSDP2).
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the init.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = float(decay)
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        self.shadow = [params[n].detach().clone().float() for n in self.names]
-        self.num_updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        params = dict(model.named_parameters())
-        for n, s in zip(self.names, self.shadow):
-            s.lerp_(params[n].detach().float(), 1.0 - d)
-
-    def full_state(self, model: nn.Module) -> dict:
-        """Model state dict with the EMA values in place of trained parameters (collective under FSDP2)."""
-        ema = {n: _full_tensor(s) for n, s in zip(self.names, self.shadow)}
-        out = {}
-        for n, t in model.state_dict().items():
-            out[n] = ema[n] if n in ema else _full_tensor(t)
-        return out
-
-    @torch.no_grad()
-    def load_full_state(self, state: dict):
-        for n, s in zip(self.names, self.shadow):
-            if n not in state:
-                raise CheckpointError(f"EMA weights have no entry for parameter {n!r}")
-            full = state[n].to(torch.float32)
-            if hasattr(s, "device_mesh"):  # DTensor under FSDP2: take this rank's shard
-                from torch.distributed.tensor import distribute_tensor
-
-                full = distribute_tensor(full.to(s.device_mesh.device_type), s.device_mesh, s.placements)
-                s.to_local().copy_(full.to_local())
-            else:
-                if full.shape != s.shape:
-                    raise CheckpointError(f"EMA weight {n!r} has shape {tuple(full.shape)}, model has {tuple(s.shape)}")
-                s.copy_(full)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoint files
-# ----------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory, or a run directory (its `latest` checkpoint) -> the checkpoint directory."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} (pass a run directory or one of its checkpoint-* directories)")
-    if (p / "trainer_state.json").is_file() or (p / "transformer").is_dir():
-        return p
-    latest = p / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        ckpt = p / name
-        if not ckpt.is_dir():
-            raise CheckpointError(f"{latest} names {name!r} but {ckpt} does not exist; the run directory is damaged")
-        return ckpt
-    raise CheckpointError(
-        f"{p} is neither a checkpoint (no trainer_state.json) nor a run directory with a 'latest' file"
-    )
-
-
-def _check_checkpoint_files(ckpt: Path, need_training_state: bool = True):
-    required = ["transformer/config.json", f"transformer/{MODEL_WEIGHTS}", "ema/config.json", f"ema/{MODEL_WEIGHTS}"]
-    if need_training_state:
-        required += ["trainer_state.json", "optimizer.pt", "rng.safetensors", "rng.json"]
-    missing = [r for r in required if not (ckpt / r).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {missing}. Pass an earlier checkpoint.")
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"cannot read {path}: {e} (the file is corrupt or truncated)") from e
-
-
-def load_checkpoint_weights(path, ema: bool = True, model_cls=None):
-    """Build the model stored in a checkpoint (or a run's latest one); EMA weights by default."""
-    if model_cls is None:
-        from .model import PocketDiT as model_cls
-    ckpt = resolve_checkpoint(path)
-    _check_checkpoint_files(ckpt, need_training_state=False)
-    sub = ckpt / ("ema" if ema else "transformer")
-    try:
-        config = json.loads((sub / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{sub / 'config.json'} is not valid JSON: {e}") from e
-    model = model_cls.from_config(config)
-    state = _read_safetensors(sub / MODEL_WEIGHTS)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{sub}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return model
-
-
-def _save_weights_dir(directory: Path, config, state: dict, class_name: str):
-    """Diffusers layout (config.json + diffusion_pytorch_model.safetensors), so from_pretrained reads it."""
-    import diffusers
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    config.update(_class_name=class_name, _diffusers_version=diffusers.__version__)
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / MODEL_WEIGHTS))
-
-
-def _rng_state(generator: torch.Generator) -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
-    np_state = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    meta = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict, meta: dict, generator: torch.Generator):
-    torch.set_rng_state(tensors["torch"])
-    generator.set_state(tensors["generator"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,20 +162,7 @@ class Trainer:
 
         # Wrap for data parallelism; self.model stays the unwrapped module (same parameters).
         self.model = model
-        if self.dist.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        elif self.dist.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            blocks = model.blocks() if hasattr(model, "blocks") else []
-            for blk in blocks:
-                fully_shard(blk)
-            fully_shard(model)
-            wrapped = model
-        else:
-            wrapped = model
+        wrapped = wrap_model(model, self.dist)
         self.ema = EMA(model, self.tcfg.ema_decay)
         if self.tcfg.compile:
             wrapped = torch.compile(wrapped)
@@ -463,9 +244,9 @@ class Trainer:
         tcfg = self.tcfg
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._clean_temp_dirs()
+            clean_temp_dirs(self.output_dir)
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2))
-        _barrier(self.dist)
+        barrier(self.dist)
         if tcfg.resume:
             self.resume(self.output_dir if tcfg.resume == "auto" else tcfg.resume, missing_ok=tcfg.resume == "auto")
         if self.step >= tcfg.steps:
@@ -493,14 +274,14 @@ class Trainer:
                 if "loss" not in out:
                     raise KeyError(f"{type(self.method).__name__}.step() must return a dict with a 'loss' entry")
                 loss = out["loss"]
-                global_loss = _all_reduce_mean(loss.detach().float(), self.dist)
+                global_loss = all_reduce_mean(loss.detach().float(), self.dist)
                 if not bool(torch.isfinite(global_loss)):
                     self._fail_nonfinite(global_loss, epoch, index, indices, batch)
                 loss.backward()
                 grad_norm = None
                 if self.ocfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.ocfg.grad_clip)
-                    grad_norm = float(_full_tensor(grad_norm))
+                    grad_norm = float(full_tensor(grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(self.model)
@@ -560,92 +341,29 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------
-    def _model_full_state(self) -> dict:
-        if self.dist.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.model.state_dict()
-
-    def _optimizer_full_state(self) -> dict:
-        if self.dist.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(
-                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return self.optimizer.state_dict()
-
-    def _gather_rng(self) -> list:
-        state = _rng_state(self.generator)
-        if self.dist.world_size == 1:
-            return [state]
-        import torch.distributed as dist
-
-        out = [None] * self.dist.world_size
-        dist.all_gather_object(out, state)
-        return out
-
     def checkpoint_dir(self, step: int) -> Path:
         return self.output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
 
     def save_checkpoint(self) -> Path:
         """Write a complete checkpoint for the current step (collective: call on every rank)."""
-        model_state = self._model_full_state()
+        model_state = full_model_state(self.model, self.dist)
         ema_state = self.ema.full_state(self.model)
-        optim_state = self._optimizer_full_state()
-        rng = self._gather_rng()
+        optim_state = full_optimizer_state(self.model, self.optimizer, self.dist)
+        rng = all_gather_objects(rng_state(self.generator), self.dist)
         final = self.checkpoint_dir(self.step)
         if self.dist.is_main:
-            tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            _save_weights_dir(tmp / "transformer", self.model_config, model_state, self.model_cls.__name__)
-            _save_weights_dir(tmp / "ema", self.model_config, ema_state, self.model_cls.__name__)
-            torch.save(optim_state, tmp / "optimizer.pt")
-            from safetensors.torch import save_file
-
-            rng_tensors, rng_meta = {}, []
-            for r, (tensors, meta) in enumerate(rng):
-                rng_tensors.update({f"rank{r}.{k}": v.contiguous() for k, v in tensors.items()})
-                rng_meta.append(meta)
-            save_file(rng_tensors, str(tmp / "rng.safetensors"))
-            (tmp / "rng.json").write_text(json.dumps(rng_meta))
             state = {
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "ema_updates": self.ema.num_updates, "world_size": self.dist.world_size, "seed": self.tcfg.seed,
                 "model_class": self.model_cls.__name__, "last_loss": self.losses.get(self.step),
                 "config": config_to_dict(self.config), "time": time.time(),
             }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving a step (e.g. after a resume): swap atomically enough, old one last
-                old = final.with_name(f"{final.name}.old-{os.getpid()}")
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            latest_tmp = self.output_dir / f"latest.tmp-{os.getpid()}"
-            latest_tmp.write_text(final.name + "\n")
-            os.replace(latest_tmp, self.output_dir / "latest")
-            self._prune_checkpoints(keep=final)
-        _barrier(self.dist)
+            write_checkpoint(final, self.model_config, self.model_cls.__name__, model_state, ema_state, optim_state,
+                             rng, state)
+            prune_checkpoints(self.output_dir, self.tcfg.keep_checkpoints, keep=final)
+        barrier(self.dist)
         self.last_checkpoint = final
         return final
-
-    def _prune_checkpoints(self, keep: Path):
-        ckpts = sorted(
-            p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()
-        )
-        for p in ckpts[: max(0, len(ckpts) - self.tcfg.keep_checkpoints)]:
-            if p != keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-    def _clean_temp_dirs(self):
-        for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
 
     def resume(self, path, missing_ok: bool = False) -> bool:
         """Restore everything from a checkpoint (or a run dir's latest). Returns False if missing_ok and none."""
@@ -653,12 +371,8 @@ class Trainer:
         if missing_ok and not (p / "latest").is_file() and not (p / "trainer_state.json").is_file():
             return False
         ckpt = resolve_checkpoint(p)
-        _check_checkpoint_files(ckpt)
-        try:
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-            rng_meta = json.loads((ckpt / "rng.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{ckpt}: trainer_state.json or rng.json is not valid JSON ({e})") from e
+        check_checkpoint_files(ckpt)
+        state, rng_meta = read_training_state(ckpt)
         saved_cfg = json.loads((ckpt / "transformer" / "config.json").read_text())
         mine = json.loads(json.dumps(self.model_config, default=list))
         diff = sorted(k for k in set(saved_cfg) | set(mine) if not k.startswith("_") and saved_cfg.get(k) != mine.get(k))
@@ -672,31 +386,11 @@ class Trainer:
                 f"{self.dist.world_size}; exact resume needs the same number"
             )
 
-        model_state = _read_safetensors(ckpt / "transformer" / MODEL_WEIGHTS)
-        if self.dist.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            set_model_state_dict(self.model, model_state, options=StateDictOptions(full_state_dict=True))
-        else:
-            self.model.load_state_dict(model_state)
-        self.ema.load_full_state(_read_safetensors(ckpt / "ema" / MODEL_WEIGHTS))
+        load_full_model_state(self.model, read_safetensors(ckpt / "transformer" / MODEL_WEIGHTS), self.dist)
+        self.ema.load_full_state(read_safetensors(ckpt / "ema" / MODEL_WEIGHTS))
         self.ema.num_updates = int(state["ema_updates"])
-        try:
-            optim_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {ckpt / 'optimizer.pt'}: {e}") from e
-        if self.dist.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(
-                self.model, self.optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
-            )
-        else:
-            self.optimizer.load_state_dict(optim_state)
-        rng_tensors = _read_safetensors(ckpt / "rng.safetensors")
-        r = self.dist.rank
-        mine_t = {k.split(".", 1)[1]: v for k, v in rng_tensors.items() if k.startswith(f"rank{r}.")}
-        _set_rng_state(mine_t, rng_meta[r], self.generator)
+        load_full_optimizer_state(self.model, self.optimizer, load_optimizer_state(ckpt), self.dist)
+        restore_rng_state(ckpt, self.dist.rank, rng_meta, self.generator)
         self.step = int(state["step"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self.last_checkpoint = ckpt
@@ -755,13 +449,6 @@ class Trainer:
 
     def plot_losses(self) -> Optional[Path]:
         return plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
-
-
-def _fsync_dir(path: Path):
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def plot_metrics(metrics_path: Path, out_path: Path, title: str = "training loss") -> Optional[Path]:
@@ -843,18 +530,6 @@ def build_components(cfg: TrainConfig):
     except ValueError as e:
         raise ValueError(f"data.resolution={cfg.data.resolution}: {e}") from e
     return model, text, ae
-
-
-def load_pretrained_transformer(path):
-    """A PocketDiT from a diffusers-layout directory, a pipeline directory (its transformer/) or a checkpoint."""
-    from .model import PocketDiT
-
-    p = Path(path)
-    if (p / "config.json").is_file() and (p / MODEL_WEIGHTS).is_file():
-        return PocketDiT.from_pretrained(str(p))
-    if (p / "transformer" / "config.json").is_file() and not (p / "trainer_state.json").is_file():
-        return PocketDiT.from_pretrained(str(p / "transformer"))
-    return load_checkpoint_weights(p, ema=True)
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:

@@ -1,0 +1,251 @@
+"""Checkpoint files: atomic save, resolve, load and RNG state, used by the trainer and the pipeline.
+
+A training checkpoint is a directory `output_dir/checkpoint-XXXXXXX/`:
+    transformer/  config.json + diffusion_pytorch_model.safetensors   (diffusers layout, from_pretrained works)
+    ema/          the same, with the EMA weights
+    optimizer.pt  AdamW state (loaded with torch.load(weights_only=True))
+    rng.safetensors + rng.json   RNG states of every rank
+    trainer_state.json           step, data position, EMA updates, world size, the config
+It is written to `checkpoint-XXXXXXX.tmp-*` and renamed when complete; `output_dir/latest` (written then
+renamed) names the newest. A crash mid-save therefore never damages the previous checkpoint.
+
+    ckpt = resolve_checkpoint("runs/shapes")          # a run directory -> its latest checkpoint
+    model = load_checkpoint_weights(ckpt, ema=True)   # a PocketDiT with the EMA weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "MODEL_WEIGHTS",
+    "CHECKPOINT_PREFIX",
+    "resolve_checkpoint",
+    "check_checkpoint_files",
+    "read_safetensors",
+    "load_checkpoint_weights",
+    "load_pretrained_transformer",
+    "save_weights_dir",
+    "write_checkpoint",
+    "prune_checkpoints",
+    "clean_temp_dirs",
+    "read_training_state",
+    "load_optimizer_state",
+    "rng_state",
+    "set_rng_state",
+    "restore_rng_state",
+]
+
+MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unreadable."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding and reading
+# ----------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, or a run directory (its `latest` checkpoint) -> the checkpoint directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p} (pass a run directory or one of its checkpoint-* directories)")
+    if (p / "trainer_state.json").is_file() or (p / "transformer").is_dir():
+        return p
+    latest = p / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        ckpt = p / name
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{latest} names {name!r} but {ckpt} does not exist; the run directory is damaged")
+        return ckpt
+    raise CheckpointError(
+        f"{p} is neither a checkpoint (no trainer_state.json) nor a run directory with a 'latest' file"
+    )
+
+
+def check_checkpoint_files(ckpt: Path, need_training_state: bool = True):
+    required = ["transformer/config.json", f"transformer/{MODEL_WEIGHTS}", "ema/config.json", f"ema/{MODEL_WEIGHTS}"]
+    if need_training_state:
+        required += ["trainer_state.json", "optimizer.pt", "rng.safetensors", "rng.json"]
+    missing = [r for r in required if not (ckpt / r).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing {missing}. Pass an earlier checkpoint.")
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"cannot read {path}: {e} (the file is corrupt or truncated)") from e
+
+
+def load_checkpoint_weights(path, ema: bool = True, model_cls=None):
+    """Build the model stored in a checkpoint (or a run's latest one); EMA weights by default."""
+    if model_cls is None:
+        from .model import PocketDiT as model_cls
+    ckpt = resolve_checkpoint(path)
+    check_checkpoint_files(ckpt, need_training_state=False)
+    sub = ckpt / ("ema" if ema else "transformer")
+    try:
+        config = json.loads((sub / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{sub / 'config.json'} is not valid JSON: {e}") from e
+    model = model_cls.from_config(config)
+    state = read_safetensors(sub / MODEL_WEIGHTS)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{sub}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def load_pretrained_transformer(path):
+    """A PocketDiT from a diffusers-layout directory, a pipeline directory (its transformer/) or a checkpoint."""
+    from .model import PocketDiT
+
+    p = Path(path)
+    if (p / "config.json").is_file() and (p / MODEL_WEIGHTS).is_file():
+        return PocketDiT.from_pretrained(str(p))
+    if (p / "transformer" / "config.json").is_file() and not (p / "trainer_state.json").is_file():
+        return PocketDiT.from_pretrained(str(p / "transformer"))
+    return load_checkpoint_weights(p, ema=True)
+
+
+def read_training_state(ckpt: Path) -> tuple[dict, list]:
+    """(trainer_state.json, rng.json) of a complete checkpoint."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text()), json.loads((ckpt / "rng.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt}: trainer_state.json or rng.json is not valid JSON ({e})") from e
+
+
+def load_optimizer_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {ckpt / 'optimizer.pt'}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+def save_weights_dir(directory: Path, config, state: dict, class_name: str):
+    """Diffusers layout (config.json + diffusion_pytorch_model.safetensors), so from_pretrained reads it."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    config.update(_class_name=class_name, _diffusers_version=diffusers.__version__)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / MODEL_WEIGHTS))
+
+
+def write_checkpoint(final: Path, model_config, class_name: str, model_state: dict, ema_state: dict,
+                     optimizer_state: dict, rng: list, trainer_state: dict) -> Path:
+    """Write a complete checkpoint to `final` atomically and point `final.parent/latest` at it.
+
+    `rng` holds one `rng_state()` pair per rank; `trainer_state` becomes trainer_state.json.
+    """
+    from safetensors.torch import save_file
+
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights_dir(tmp / "transformer", model_config, model_state, class_name)
+    save_weights_dir(tmp / "ema", model_config, ema_state, class_name)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    rng_tensors, rng_meta = {}, []
+    for r, (tensors, meta) in enumerate(rng):
+        rng_tensors.update({f"rank{r}.{k}": v.contiguous() for k, v in tensors.items()})
+        rng_meta.append(meta)
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "rng.json").write_text(json.dumps(rng_meta))
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume): swap atomically enough, old one last
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    latest_tmp = final.parent / f"latest.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, final.parent / "latest")
+    return final
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int, keep: Optional[Path] = None):
+    """Delete all but the newest `keep_last` checkpoints of a run (never `keep`)."""
+    ckpts = sorted(
+        p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+    )
+    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_temp_dirs(output_dir: Path):
+    """Remove half-written checkpoints left by a crash during a save."""
+    for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path):
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state
+# ----------------------------------------------------------------------------------------------------
+def rng_state(generator: torch.Generator) -> tuple[dict, dict]:
+    """(tensors, JSON-able meta) of the torch, CUDA, numpy and Python RNGs and `generator`."""
+    tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict, meta: dict, generator: torch.Generator):
+    """Inverse of `rng_state`."""
+    torch.set_rng_state(tensors["torch"])
+    generator.set_state(tensors["generator"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def restore_rng_state(ckpt: Path, rank: int, rng_meta: list, generator: torch.Generator):
+    """Set every RNG (and `generator`) to what rank `rank` saved in the checkpoint."""
+    rng_tensors = read_safetensors(ckpt / "rng.safetensors")
+    mine = {k.split(".", 1)[1]: v for k, v in rng_tensors.items() if k.startswith(f"rank{rank}.")}
+    set_rng_state(mine, rng_meta[rank], generator)
