@@ -309,3 +309,28 @@ def test_conditioner_saves_references_not_weights(tiny_clip_dir, minilm, tmp_pat
         TextConditioner([Custom()]).save_pretrained(tmp_path / "custom")
     with pytest.raises(TextEncoderNotFoundError, match="not a saved TextConditioner"):
         TextConditioner.from_pretrained(tmp_path / "missing")
+
+
+def test_caption_dropout_draws_encoder_by_encoder_and_takes_any_conditioner():
+    from pocketdit.text import caption_dropout, caption_dropout_probs, encode_prompts
+
+    class Duck:  # not a TextConditioner: encode() only
+        embed_dims = (4, 2)
+        dropout_probs = 0.5
+
+        def encode(self, prompts):
+            b = len(prompts)
+            return [torch.ones(b, 3, 4), torch.ones(b, 5, 2)], [torch.ones(b, n, dtype=torch.bool) for n in (3, 5)]
+
+    duck = Duck()
+    probs = caption_dropout_probs(duck)
+    assert probs == [0.5, 0.5] and caption_dropout_probs(duck, [0.1, 0.2]) == [0.1, 0.2]
+    states, masks = encode_prompts(duck, ["a"] * 64)
+    out_s, out_m = caption_dropout(states, masks, probs, generator=torch.Generator().manual_seed(3))
+    # the draw order a resumed run relies on: one uniform per sample for encoder 0, then for encoder 1
+    g = torch.Generator().manual_seed(3)
+    expected = [torch.rand(64, generator=g) >= p for p in probs]
+    for s, m, keep in zip(out_s, out_m, expected):
+        assert torch.equal(m.any(dim=1), keep) and torch.equal(s.flatten(1).any(dim=1), keep)
+    assert 0 < int(expected[0].sum()) < 64
+    assert states[0].all()  # inputs untouched

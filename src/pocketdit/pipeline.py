@@ -66,6 +66,7 @@ from . import model as _model  # noqa: F401
 from . import quantize as _quantize
 from . import text as _text  # noqa: F401
 from .checkpoint import CheckpointError, load_checkpoint_weights, resolve_checkpoint
+from .text import encode_prompts
 
 __all__ = ["PocketDiTPipeline", "ImagePipelineOutput", "make_scheduler", "make_grid", "tensor_to_pil"]
 
@@ -270,8 +271,6 @@ class PocketDiTPipeline(DiffusionPipeline):
         return lh, lw
 
     def _encode(self, prompts: list[str], device=None):
-        from .methods.pretrain import encode_prompts
-
         states, masks = encode_prompts(self.text_conditioner, prompts)
         dev = self._execution_device if device is None else device
         return [s.to(dev) for s in states], [m.to(dev).bool() for m in masks]

@@ -9,6 +9,10 @@ prediction used by classifier-free guidance). The per-encoder projections and th
 live in the model (`PocketDiT.text_projections`, one per entry of `text_embed_dims`); this module only
 produces the token states and masks, one pair per encoder.
 
+Training methods and the pipeline go through two functions that also take any object with an
+`encode(prompts) -> (states, masks)` method (a test double, a cache): `encode_prompts` (no dropout) and
+`caption_dropout` (the one implementation of per-encoder dropout; `TextConditioner.apply_dropout` uses it).
+
 Encoders are frozen: parameters never require grad, dropout is off even when a parent module calls
 `.train()`, and `encode` runs under `torch.no_grad()`.
 """
@@ -33,6 +37,10 @@ __all__ = [
     "TextEncoderNotFoundError",
     "build_text_encoder",
     "build_text_conditioner",
+    "encode_prompts",
+    "caption_dropout",
+    "caption_dropout_probs",
+    "sample_caption_keep",
     "DEFAULT_CAPTION_DROPOUT",
 ]
 
@@ -376,24 +384,14 @@ class TextConditioner(ModelMixin):
 
     def sample_keep(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(num_encoders, B) bool, True = keep. One independent draw per encoder and sample (CPU generator)."""
-        u = torch.rand(len(self.encoders), batch_size, generator=generator)
-        probs = torch.tensor(self.dropout_probs).unsqueeze(1)
-        return u >= probs
+        return sample_caption_keep(self.dropout_probs, batch_size, generator)
 
     def apply_dropout(self, states, masks, generator: Optional[torch.Generator] = None, keep=None):
         """Drop encoders per sample (also usable on cached states). Returns new lists; inputs are not modified."""
         states, masks = list(states), list(masks)
         if len(states) != len(self.encoders) or len(masks) != len(self.encoders):
             raise ValueError(f"expected {len(self.encoders)} states and masks, got {len(states)} and {len(masks)}")
-        b = states[0].shape[0]
-        if keep is None:
-            keep = self.sample_keep(b, generator)
-        out_s, out_m = [], []
-        for i, (s, m) in enumerate(zip(states, masks)):
-            k = keep[i].to(s.device)
-            out_s.append(s * k[:, None, None].to(s.dtype))
-            out_m.append(m.bool() & k[:, None])
-        return out_s, out_m
+        return caption_dropout(states, masks, self.dropout_probs, generator=generator, keep=keep)
 
     # ------------------------------------------------------------------------------------------------
     # Saving and loading (as a DiffusionPipeline component)
@@ -476,3 +474,62 @@ def build_text_conditioner(specs: Union[str, Sequence[str]] = "minilm", dropout_
         raise ValueError(f"max_lengths has {len(max_lengths)} entries for {len(specs)} encoder spec(s)")
     return TextConditioner([build_text_encoder(s, max_length=n) for s, n in zip(specs, max_lengths)],
                            dropout_probs=dropout_probs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding and caption dropout for any conditioner
+# ----------------------------------------------------------------------------------------------------
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def encode_prompts(text_conditioner, prompts: Sequence[str]):
+    """Text states and masks (lists, one per encoder) for `prompts`, without caption dropout.
+
+    `text_conditioner` is a TextConditioner, or anything with `encode(prompts)` or `__call__(prompts)`
+    returning (states, masks) as tensors or lists of tensors.
+    """
+    prompts = list(prompts)
+    if hasattr(text_conditioner, "encode"):
+        out = text_conditioner.encode(prompts)
+    else:
+        out = text_conditioner(prompts)
+    states, masks = out
+    return _as_list(states), _as_list(masks)
+
+
+def caption_dropout_probs(text_conditioner, override=None) -> list[float]:
+    """One dropout probability per encoder: `override` (one value or one per encoder), else the conditioner's."""
+    n = len(getattr(text_conditioner, "embed_dims", [None]))
+    if override is not None:
+        probs = _as_list(override)
+    else:
+        probs = _as_list(getattr(text_conditioner, "dropout_probs", 0.0))
+    if len(probs) == 1 and n > 1:
+        probs = probs * n
+    if len(probs) != n:
+        raise ValueError(f"caption dropout needs one probability per text encoder ({n}), got {probs}")
+    return [float(p) for p in probs]
+
+
+def sample_caption_keep(probs: Sequence[float], batch_size: int,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(num_encoders, B) bool, True = keep: one uniform draw per encoder and sample, encoder by encoder."""
+    u = torch.rand(len(probs), batch_size, generator=generator)
+    return u >= torch.tensor(list(probs)).unsqueeze(1)
+
+
+def caption_dropout(states, masks, probs: Sequence[float], generator: Optional[torch.Generator] = None, keep=None):
+    """Drop each encoder independently per sample with probability probs[i]: all-False mask and zero states.
+
+    PocketDiT then attends only to its learned null token for that encoder, the same input the sampler's
+    unconditional branch gives. `keep` ((num_encoders, B) bool) skips the draw. Returns new lists.
+    """
+    if keep is None:
+        keep = sample_caption_keep(probs, states[0].shape[0], generator)
+    out_s, out_m = [], []
+    for i, (s, m) in enumerate(zip(states, masks)):
+        k = keep[i].to(s.device)
+        out_s.append(s * k[:, None, None].to(s.dtype))
+        out_m.append(m.bool() & k[:, None])
+    return out_s, out_m

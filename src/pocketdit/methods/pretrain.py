@@ -4,9 +4,9 @@
     t ~ logit-normal, time-shifted (the config's schedule section);  noise ~ N(0, I)
     x_t = (1 - t) x0 + t noise;            loss = || model(x_t, t, text) - (noise - x0) ||^2
 
-Caption dropout is applied here, per text encoder, by turning that encoder's mask all False (the model
-then attends only to its learned null token) - the same input the sampler uses for the unconditional
-branch of classifier-free guidance.
+Caption dropout (pocketdit.text.caption_dropout) is applied here, per text encoder, by turning that
+encoder's mask all False (the model then attends only to its learned null token) - the same input the
+sampler uses for the unconditional branch of classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -18,35 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import flow
+from ..text import caption_dropout, caption_dropout_probs, encode_prompts
 from . import TrainingMethod, register_method
-
-
-def _as_list(x):
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def encode_prompts(text_conditioner, prompts: Sequence[str]):
-    """Text states and masks (lists, one per encoder) for `prompts`, without caption dropout."""
-    prompts = list(prompts)
-    if hasattr(text_conditioner, "encode"):
-        out = text_conditioner.encode(prompts)
-    else:
-        out = text_conditioner(prompts)
-    states, masks = out
-    return _as_list(states), _as_list(masks)
-
-
-def text_dropout_probs(text_conditioner, override=None) -> list[float]:
-    n = len(getattr(text_conditioner, "embed_dims", [None]))
-    if override is not None:
-        probs = _as_list(override)
-    else:
-        probs = _as_list(getattr(text_conditioner, "dropout_probs", 0.0))
-    if len(probs) == 1 and n > 1:
-        probs = probs * n
-    if len(probs) != n:
-        raise ValueError(f"caption dropout needs one probability per text encoder ({n}), got {probs}")
-    return [float(p) for p in probs]
 
 
 @register_method("pretrain")
@@ -84,7 +57,7 @@ class FlowMatchingPretrain(TrainingMethod):
         if not float(shift) > 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.shift = float(shift)
-        self.dropout_probs = text_dropout_probs(text_conditioner, caption_dropout)
+        self.dropout_probs = caption_dropout_probs(text_conditioner, caption_dropout)
         self.generator = torch.Generator().manual_seed(0)
         if text_cache_size < 0:
             raise ValueError(f"text_cache_size must be >= 0, got {text_cache_size}")
@@ -113,15 +86,8 @@ class FlowMatchingPretrain(TrainingMethod):
         device = self.device
         with torch.no_grad():
             states, masks = self._encode_cached(list(prompts))
-        b = len(prompts)
-        out_masks = []
-        for mask, p in zip(masks, self.dropout_probs):
-            mask = mask.to(device).bool()
-            keep = torch.rand(b, generator=self.generator) >= p
-            out_masks.append(mask & keep.to(device)[:, None])
-        # Zero the dropped states too, as TextConditioner.apply_dropout does (the mask alone already hides them).
-        states = [s.to(device) * m.any(dim=1)[:, None, None].to(s.dtype) for s, m in zip(states, out_masks)]
-        return states, out_masks
+        states, masks = [s.to(device) for s in states], [m.to(device) for m in masks]
+        return caption_dropout(states, masks, self.dropout_probs, generator=self.generator)
 
     def _encode_cached(self, prompts: list[str]):
         if self.text_cache_size == 0:
