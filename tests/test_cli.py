@@ -85,6 +85,8 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(image).size == (16, 16)  # the training resolution is the default size
+    assert main(["generate", "a red circle", "-m", str(run), "-o", str(image), "--steps", "2", "--upscale", "4"]) == 0
+    assert Image.open(image).size == (64, 64)
     assert main(["generate", "a red circle", "-m", str(run), "-o", str(image), "--size", "18"]) == 2
     assert "Nearest valid image sizes" in capsys.readouterr().err
 
@@ -148,6 +150,14 @@ def test_quantize_finetune_flags_without_steps_are_a_clear_error(tmp_path, capsy
 def test_generate_from_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "x", "-m", str(tmp_path / "none"), "-o", str(tmp_path / "o.png")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_generate_without_model_uses_the_builtin_base(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out.png"  # the README's main command, at 2 steps
+    assert main(["generate", "two red circles above a blue square", "-o", str(out), "--steps", "2"]) == 0
+    assert Image.open(out).size == (32, 32)
 
 
 def test_generate_without_model_names_the_missing_builtin(tmp_path, capsys, monkeypatch):

@@ -15,3 +15,12 @@ def test_every_package_under_src_is_listed_in_pyproject():
     }
     assert found <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
 
+
+
+def test_builtin_models_resolve_or_fail_clearly():
+    from pocketdit.checkpoints import DEFAULT_MODEL, builtin_model_path, builtin_models
+
+    assert DEFAULT_MODEL in builtin_models()
+    assert (builtin_model_path() / "model_index.json").is_file()
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        builtin_model_path("no-such-model")

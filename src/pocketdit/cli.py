@@ -179,6 +179,8 @@ def _pipeline_for_command(args):
 
 
 def cmd_generate(args) -> int:
+    from PIL import Image
+
     from .model import InvalidResolutionError
     from .pipeline import make_grid
 
@@ -196,6 +198,8 @@ def cmd_generate(args) -> int:
         ).images
     except InvalidResolutionError as e:
         return _error(str(e))
+    if args.upscale > 1:  # nearest-neighbour, so a 32 px model's pixels stay visible as pixels
+        images = [im.resize((im.width * args.upscale, im.height * args.upscale), Image.NEAREST) for im in images]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if len(images) == 1:
@@ -370,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="several images -> one grid")
+    p.add_argument("--upscale", type=_positive_int, default=1,
+                   help="enlarge the written images K times, nearest-neighbour (for viewing small models)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights of a checkpoint instead of its EMA")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
