@@ -380,7 +380,7 @@ class PocketDiTPipeline(DiffusionPipeline):
                 + (f" (the diffusers call: {'; '.join(hints)})" if hints else "")
             )
         images = self._generate(
-            self.scheduler, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
             num_images_per_prompt, generator, latents, output_type, callback_on_step_end,
             callback_on_step_end_tensor_inputs, sigmas, seed,
         )
@@ -388,9 +388,10 @@ class PocketDiTPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
-    def _generate(self, scheduler, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+    def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                   num_images_per_prompt, generator, latents, output_type, callback_on_step_end,
                   callback_on_step_end_tensor_inputs, sigmas, seed):
+        scheduler = self.scheduler
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         prompts = _prompt_list(prompt)
