@@ -76,8 +76,10 @@ def main(argv=None) -> int:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     for i, run in enumerate(args.runs):
         name = run.name.replace("snap_", "")
-        metrics = args.metrics[i] if args.metrics else next(
-            m for m in (run / "metrics.jsonl", run.parent / f"sweep_{name}" / "metrics.jsonl") if m.is_file())
+        candidates = [args.metrics[i]] if args.metrics else [run / "metrics.jsonl", run.parent / f"sweep_{name}" / "metrics.jsonl"]
+        metrics = next((m for m in candidates if m.is_file()), None)
+        if metrics is None:
+            p.error(f"{run}: no metrics.jsonl (looked for {', '.join(map(str, candidates))}); pass --metrics")
         clock = training_seconds(metrics)
         for ckpt in sorted(run.glob("checkpoint-*")):
             key = f"{name}/{ckpt.name}"
