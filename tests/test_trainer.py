@@ -86,6 +86,22 @@ def test_losses_decrease_on_tiny_overfit(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-0000040"
 
 
+def test_lr_schedules(tmp_path):
+    def lrs(*extra):
+        trainer = Trainer(make_method(), make_dataset(n=4), make_config(tmp_path, 10, *extra))
+        return [trainer.lr_at(s) for s in range(10)]
+
+    base = 2e-3
+    assert lrs() == pytest.approx([base * 0.5, base] + [base] * 8)
+    # wsd: constant until the last decay_steps, then linear to the floor, reached at the last step
+    wsd = lrs("--optim.schedule", "wsd", "--optim.decay_steps", "4", "--optim.min_lr_ratio", "0")
+    assert wsd == pytest.approx([base * 0.5] + [base] * 5 + [base * 0.75, base * 0.5, base * 0.25, 0.0])
+    cos = lrs("--optim.schedule", "cosine")
+    assert cos[2] == pytest.approx(base) and cos[-1] > base * 0.1 and all(a >= b for a, b in zip(cos[1:], cos[2:]))
+    with pytest.raises(Exception, match="optim.decay_steps"):
+        make_config(tmp_path, 10, "--optim.schedule", "wsd")
+
+
 def test_checkpoint_layout_and_loading(tmp_path):
     trainer, _ = run(tmp_path, 3)
     ckpt = resolve_checkpoint(tmp_path)

@@ -94,8 +94,11 @@ class OptimSection:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 100
-    schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    schedule: str = "constant"  # "constant", "cosine" or "wsd" (after warm-up)
+    min_lr_ratio: float = 0.1  # cosine / wsd floor, as a fraction of lr
+    # wsd (warm-up, stable, decay): constant, then linear decay to the floor over the last `decay_steps` of
+    # train.steps; a constant run resumed with schedule wsd cools down without a jump in lr
+    decay_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
@@ -155,7 +158,7 @@ class TrainConfig:
 _OPEN_FIELD = {"model": "overrides", "data": "options", "method": "options"}
 
 _CHOICES = {
-    "optim.schedule": ("constant", "cosine"),
+    "optim.schedule": ("constant", "cosine", "wsd"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "train.distributed": ("auto", "none", "ddp", "fsdp"),
 }
@@ -342,6 +345,9 @@ def _validate_values(cfg: TrainConfig) -> None:
         raise ConfigError(f"schedule.logit_std: must be > 0, got {cfg.schedule.logit_std}")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.optim.schedule == "wsd" and not 0 < cfg.optim.decay_steps <= cfg.train.steps:
+        raise ConfigError(f"optim.decay_steps: schedule wsd needs 0 < decay_steps <= train.steps "
+                          f"({cfg.train.steps}), got {cfg.optim.decay_steps}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not cfg.text.encoders:

@@ -192,7 +192,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
+        """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, cosine or wsd."""
         base, warm = self.ocfg.lr, self.ocfg.warmup_steps
         if warm > 0 and step < warm:
             return base * (step + 1) / warm
@@ -201,6 +201,13 @@ class Trainer:
             progress = min(1.0, (step - warm) / total)
             floor = self.ocfg.min_lr_ratio
             return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        if self.ocfg.schedule == "wsd":
+            start = self.tcfg.steps - self.ocfg.decay_steps
+            if step < start:
+                return base
+            progress = min(1.0, (step - start + 1) / self.ocfg.decay_steps)
+            floor = self.ocfg.min_lr_ratio
+            return base * (floor + (1 - floor) * (1 - progress))
         return base
 
     def _autocast(self):
