@@ -40,7 +40,7 @@ from report import command_line, machine_description, write_section  # noqa: E40
 
 from pocketdit.attention import KVCompression  # noqa: E402
 from pocketdit.attention import backends  # noqa: E402
-from pocketdit.attention.functional import adaptive_sparse_attention, blockwise_neighborhood_attention  # noqa: E402
+from pocketdit.attention.backends import adaptive_sparse_attention, blockwise_neighborhood_attention  # noqa: E402
 
 
 def score_flops(batch, heads, queries, keys_per_query, head_dim):

@@ -68,8 +68,8 @@ class FirstSteps(torch.nn.Module):
 
 def main(argv=None):
     from pocketdit import flow
-    from pocketdit.export.cli import _eval_prompts, _images, _load_pipeline
     from pocketdit.quantize import psnr
+    from pocketdit.quantize.cli import _eval_prompts, _images, _load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="pipeline directory or training run (fp32)")

@@ -120,7 +120,8 @@ def test_train_generate_and_eval_on_nano(tmp_path, capsys):
 
     # calibration follows the guided sampler: per step, the conditional and the unconditional (null text)
     # calls stacked on the same latents, along the trajectory the pipeline itself samples
-    from pocketdit.export.cli import _load_pipeline, trajectory_calibration
+    from pocketdit.quantize.calibration import trajectory_calibration
+    from pocketdit.quantize.cli import _load_pipeline
 
     pipe, model = _load_pipeline(str(run))
     prompts = ["a red circle", "two squares"]

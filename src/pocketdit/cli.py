@@ -6,6 +6,7 @@ Imports are lazy so that `pocketdit --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -315,16 +316,17 @@ def cmd_train_ae(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# quantize / export / bench: forwarded to pocketdit.export.cli
+# quantize / export / bench: forwarded to the command module of their package (FORWARDED)
 # ----------------------------------------------------------------------------------------------------
 def _forward(name: str, argv: Sequence[str]) -> int:
+    module_name = FORWARDED[name]
     try:
-        from .export import cli as export_cli
+        module = importlib.import_module(module_name)
     except ImportError as e:
-        return _error(f"`pocketdit {name}` needs pocketdit.export.cli, which is not available ({e})")
-    fn = getattr(export_cli, f"{name}_command", None)
+        return _error(f"`pocketdit {name}` needs {module_name}, which is not available ({e})")
+    fn = getattr(module, f"{name}_command", None)
     if fn is None:
-        return _error(f"pocketdit.export.cli has no {name}_command(); this installation cannot run `pocketdit {name}`")
+        return _error(f"{module_name} has no {name}_command(); this installation cannot run `pocketdit {name}`")
     result = fn(list(argv))
     return int(result or 0)
 
@@ -432,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FORWARDED = ("quantize", "export", "bench")
+# commands whose arguments their own module parses: name -> module with `<name>_command(argv)`
+FORWARDED = {"quantize": "pocketdit.quantize.cli", "export": "pocketdit.export.cli", "bench": "pocketdit.export.cli"}
 
 
 def _split_train_argv(tokens: Sequence[str]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 
@@ -25,3 +26,13 @@ def dir_fingerprint(model_dir: Path) -> str:
                     fh.seek(-(1 << 20), os.SEEK_END)
                     h.update(fh.read())
     return h.hexdigest()[:8]
+
+
+def cli_error(message: str) -> int:
+    """Print a command's error to stderr and return its exit code (2, as argparse does for usage errors)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def format_mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"

@@ -6,12 +6,8 @@ import torch
 from pocketdit import PocketDiT
 from pocketdit.attention import KVCompression, SelfAttention, rope_2d
 from pocketdit.attention import backends
-from pocketdit.attention.functional import (
-    adaptive_sparse_attention,
-    assa_reference,
-    blockwise_neighborhood_attention,
-    bna_reference,
-)
+from pocketdit.attention.backends import adaptive_sparse_attention, blockwise_neighborhood_attention
+from pocketdit.attention.functional import assa_reference, bna_reference
 
 TOL = 1e-4  # the accuracy target: relative error against the fp32 reference
 

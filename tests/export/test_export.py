@@ -160,7 +160,8 @@ def test_bad_resolution_is_a_clear_error(tmp_path, parts):
 
 
 def test_cli_quantize_and_export(tmp_path, capsys):
-    from pocketdit.export.cli import export_command, quantize_command
+    from pocketdit.export.cli import export_command
+    from pocketdit.quantize.cli import quantize_command
 
     nano().save_pretrained(tmp_path / "ckpt")
     assert quantize_command([str(tmp_path / "ckpt"), "--scheme", "int8", "-o", str(tmp_path / "q")]) == 0

@@ -1,6 +1,8 @@
-"""Fast implementations of blockwise neighbourhood attention (BNA) and ASSA, selected by one dispatch.
+"""Fast implementations of blockwise neighbourhood attention (BNA) and ASSA, and the one dispatch point.
 
-Every backend computes exactly what `functional.bna_reference` / `functional.assa_reference` compute
+`blockwise_neighborhood_attention` and `adaptive_sparse_attention` are what the layers call; they pick a
+backend below. Every backend computes exactly what `functional.bna_reference` /
+`functional.assa_reference` compute
 (tests prove it to 1e-4 relative error in fp32); they differ only in how the work is laid out.
 
   reference  gather each block's 2r+1 neighbour blocks (a (2r+1)x copy of k and v), then one SDPA call.
@@ -30,9 +32,20 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .functional import assa_reference, bna_reference, check_bna_args
+from .functional import assa_reference, bna_reference, check_bna_args, is_exporting
 
-__all__ = ["available_backends", "bna_dispatch", "assa_dispatch", "bna_strided", "assa_strided", "bna_flex", "assa_flex", "select_backend"]
+__all__ = [
+    "blockwise_neighborhood_attention",
+    "adaptive_sparse_attention",
+    "available_backends",
+    "select_backend",
+    "bna_dispatch",
+    "assa_dispatch",
+    "bna_strided",
+    "assa_strided",
+    "bna_flex",
+    "assa_flex",
+]
 
 
 def _check_gqa(q, k, v):
@@ -296,3 +309,27 @@ def bna_dispatch(q, k, v, num_blocks: int, radius: int, backend: str = "auto"):
 def assa_dispatch(q, k, v, k_compressed, v_compressed, gate, num_blocks: int, radius: int, backend: str = "auto"):
     name = _resolve(backend, q)
     return _call(name, 1, backend == "auto", q, k, v, k_compressed, v_compressed, gate, num_blocks, radius)
+
+
+def blockwise_neighborhood_attention(q, k, v, num_blocks: int, radius: int, backend: str = "auto"):
+    """Blockwise neighbourhood attention on (batch, heads, tokens, head_dim).
+
+    The sequence is split into `num_blocks` equal blocks; block b attends to blocks b-r..b+r, the window
+    shifted inward at the borders. `backend` is "reference" or one of `available_backends()`; "auto"
+    takes the fastest one valid for the inputs, and while exporting every choice runs the reference.
+    """
+    if backend == "reference" or is_exporting():
+        return bna_reference(q, k, v, num_blocks, radius)
+    return bna_dispatch(q, k, v, num_blocks, radius, backend)
+
+
+def adaptive_sparse_attention(
+    q, k, v, k_compressed, v_compressed, gate, num_blocks: int, radius: int, backend: str = "auto"
+):
+    """ASSA on (batch, heads, tokens, head_dim): gate * global + (1 - gate) * local (see `assa_reference`).
+
+    Same `backend` choices as `blockwise_neighborhood_attention`; the reference while exporting.
+    """
+    if backend == "reference" or is_exporting():
+        return assa_reference(q, k, v, k_compressed, v_compressed, gate, num_blocks, radius)
+    return assa_dispatch(q, k, v, k_compressed, v_compressed, gate, num_blocks, radius, backend)

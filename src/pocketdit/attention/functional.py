@@ -1,8 +1,8 @@
-"""Reference attention operations in plain PyTorch (reshape + SDPA), plus the one dispatch point.
+"""Reference attention operations in plain PyTorch (reshape + SDPA).
 
-Everything here exports (torch.export, ONNX, ExecuTorch, Core ML). Faster implementations live in
-`pocketdit.attention.backends` and must agree with these references; `blockwise_neighborhood_attention`
-is the single place that picks one.
+Everything here exports (torch.export, ONNX, ExecuTorch, Core ML) and imports nothing from the package:
+these are the definitions. Faster implementations, and the dispatch that picks one of them or these,
+live in `pocketdit.attention.backends` and must agree with the references.
 
 Tensor layout throughout: (batch, heads, tokens, head_dim). Key/value tensors may have fewer heads than
 queries (grouped-query attention); the query-head count must be a multiple of theirs.
@@ -10,23 +10,27 @@ queries (grouped-query attention); the query-head count must be a multiple of th
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "is_exporting",
     "repeat_kv",
     "attention",
     "check_bna_args",
     "neighbor_block_index",
     "bna_mask",
     "bna_reference",
-    "blockwise_neighborhood_attention",
     "assa_reference",
-    "adaptive_sparse_attention",
-    "BNA_BACKENDS",
 ]
+
+
+def is_exporting() -> bool:
+    """True inside torch.export / ONNX / TorchScript tracing, where only plain ops may be recorded."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting():
+        return True
+    return bool(torch.jit.is_tracing() or torch.jit.is_scripting())
 
 
 def repeat_kv(x: torch.Tensor, num_query_heads: int) -> torch.Tensor:
@@ -48,7 +52,7 @@ def attention(q, k, v, attn_mask=None):
     explicitly (plain ops every exporter understands). Both give the same result.
     """
     h = q.shape[1]
-    if k.shape[1] != h and not _exporting():
+    if k.shape[1] != h and not is_exporting():
         if h % k.shape[1]:
             raise ValueError(f"{h} query heads are not a multiple of {k.shape[1]} key/value heads")
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
@@ -122,50 +126,3 @@ def assa_reference(q, k, v, k_compressed, v_compressed, gate, num_blocks: int, r
     local = bna_reference(q, k, v, num_blocks, radius)
     return gate * glob + (1 - gate) * local
 
-
-BNA_BACKENDS = ("auto", "reference", "strided", "flex", "flex_eager")
-
-
-def _exporting() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting():
-        return True
-    return bool(torch.jit.is_tracing() or torch.jit.is_scripting())
-
-
-def blockwise_neighborhood_attention(q, k, v, num_blocks: int, radius: int, backend: str = "auto"):
-    """Blockwise neighbourhood attention on (batch, heads, tokens, head_dim).
-
-    The sequence is split into `num_blocks` equal blocks; block b attends to blocks b-r..b+r, the window
-    shifted inward at the borders. `backend` picks an implementation ("reference" or one registered in
-    `pocketdit.attention.backends`); "auto" takes the fastest one valid for the inputs and always the
-    reference while exporting.
-    """
-    if backend == "reference" or _exporting():
-        return bna_reference(q, k, v, num_blocks, radius)
-    from . import backends  # registered fast paths; imported lazily to keep this module dependency-free
-
-    return backends.bna_dispatch(q, k, v, num_blocks, radius, backend)
-
-
-def adaptive_sparse_attention(
-    q, k, v, k_compressed, v_compressed, gate, num_blocks: int, radius: int, backend: str = "auto"
-):
-    """ASSA on (batch, heads, tokens, head_dim): gate * global + (1 - gate) * local (see `assa_reference`).
-
-    Same `backend` choices as `blockwise_neighborhood_attention`; the reference while exporting.
-    """
-    if backend == "reference" or _exporting():
-        return assa_reference(q, k, v, k_compressed, v_compressed, gate, num_blocks, radius)
-    from . import backends
-
-    return backends.assa_dispatch(q, k, v, k_compressed, v_compressed, gate, num_blocks, radius, backend)
-
-
-def score_flops(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, batch: int = 1) -> int:
-    """Multiply-add FLOPs of QK^T and PV (2 matmuls x 2 FLOPs per MAC)."""
-    return 4 * batch * heads * q_tokens * kv_tokens * head_dim
-
-
-def softmax_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

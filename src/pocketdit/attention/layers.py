@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import adaptive_sparse_attention, attention, blockwise_neighborhood_attention
+from .backends import adaptive_sparse_attention, blockwise_neighborhood_attention
+from .functional import attention
 
 ATTENTION_TYPES = ("assa", "dense", "global", "local")
 
@@ -116,7 +117,7 @@ class SelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.num_blocks, self.block_radius = num_blocks, block_radius
         # BNA/ASSA implementation: "auto" (fast path for the device, reference while exporting) or a name
-        # from attention.backends.available_backends(); see attention.functional.adaptive_sparse_attention
+        # from attention.backends.available_backends(); see attention.backends.adaptive_sparse_attention
         self.backend = "auto"
         self.to_q = nn.Linear(dim, num_heads * head_dim)
         self.to_k = nn.Linear(dim, num_kv_heads * head_dim)
