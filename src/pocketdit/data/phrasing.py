@@ -116,11 +116,33 @@ def _choice(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def canonical_caption(scene: dict) -> str:
-    """The GenEval-style caption ("a photo of ..."): what ``caption_for`` has always returned."""
-    from .shapes import caption_for
+def _noun_phrase(shape: str, colour: Optional[str] = None) -> str:
+    return _article(f"{colour} {shape}" if colour else shape)
 
-    return caption_for(scene)
+
+def canonical_caption(scene: dict) -> str:
+    """The GenEval-style caption of a scene or spec ("a photo of ..."; ``shapes.caption_for``): what the
+    category asks to be checked, in the one template of GenEval's prompts."""
+    category = scene["category"]
+    if category not in BODIES:
+        raise ValueError(f"category={category!r} is not one of {tuple(BODIES)}")
+    objects = scene["objects"]
+    if category == "counting":
+        count = sum(int(o.get("count", 1)) for o in objects)
+        return f"a photo of {NUMBER_WORDS[count][0]} {PLURAL_WORDS[objects[0]['shape']]}"
+    if category == "single_object":
+        return f"a photo of {_noun_phrase(objects[0]['shape'])}"
+    if category == "colors":
+        return f"a photo of {_noun_phrase(objects[0]['shape'], objects[0]['colour'])}"
+    if category == "two_object":
+        return f"a photo of {_noun_phrase(objects[0]['shape'])} and {_noun_phrase(objects[1]['shape'])}"
+    if category == "color_attr":
+        first, second = objects[0], objects[1]
+        return (f"a photo of {_noun_phrase(first['shape'], first['colour'])} and "
+                f"{_noun_phrase(second['shape'], second['colour'])}")
+    relation = scene["relation"]
+    subject, other = objects[relation["subject"]], objects[relation["object"]]
+    return f"a photo of {_noun_phrase(subject['shape'])} {relation['relation']} {_noun_phrase(other['shape'])}"
 
 
 def _templates(category: str, phrasing: str, rng: np.random.Generator) -> tuple[str, str]:

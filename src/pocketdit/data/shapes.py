@@ -40,6 +40,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from .phrasing import PHRASINGS, phrase_scene
+from .phrasing import canonical_caption as caption_for  # the GenEval-style caption, kept under its old name
+
 __all__ = [
     "BACKGROUND",
     "CATEGORIES",
@@ -61,7 +64,6 @@ CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "color
 
 # Axis-aligned shapes whose bounding-box templates differ enough to be told apart at ~7 px.
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
-PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}
 
 # Saturated colours with well-separated hues (0, 30, 59, 132, 222, 278 degrees). The background is neutral,
 # so antialiased edges keep their object's hue and only lose saturation, which the detector relies on.
@@ -219,40 +221,6 @@ def sample_scene(rng: np.random.Generator, category: str) -> dict:
     return layout_scene(rng, sample_spec(rng, category))
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _noun_phrase(shape: str, colour: str | None = None) -> str:
-    words = f"{colour} {shape}" if colour else shape
-    return f"{_article(words)} {words}"
-
-
-def caption_for(scene: dict) -> str:
-    """The GenEval-style caption of a scene (or of a spec): what the category asks to be checked."""
-    category = _check_category(scene["category"])
-    objects = scene["objects"]
-    if category == "counting":
-        shape = objects[0]["shape"]
-        count = sum(int(o.get("count", 1)) for o in objects)
-        return f"a photo of {COUNT_WORDS[count]} {PLURALS[shape]}"
-    if category == "single_object":
-        return f"a photo of {_noun_phrase(objects[0]['shape'])}"
-    if category == "colors":
-        return f"a photo of {_noun_phrase(objects[0]['shape'], objects[0]['colour'])}"
-    if category == "two_object":
-        return f"a photo of {_noun_phrase(objects[0]['shape'])} and {_noun_phrase(objects[1]['shape'])}"
-    if category == "color_attr":
-        first, second = objects[0], objects[1]
-        return (
-            f"a photo of {_noun_phrase(first['shape'], first['colour'])} and "
-            f"{_noun_phrase(second['shape'], second['colour'])}"
-        )
-    relation = scene["relation"]
-    subject, other = objects[relation["subject"]], objects[relation["object"]]
-    return f"a photo of {_noun_phrase(subject['shape'])} {relation['relation']} {_noun_phrase(other['shape'])}"
-
-
 def shape_outline(shape: str, cx: float, cy: float, size: float) -> tuple[str, list[tuple[float, float]]]:
     """Geometry of a shape whose square bounding box has centre (cx, cy) and side ``size`` (any units).
     Returns ("ellipse", [top-left, bottom-right]) or ("polygon", vertices). Shared by the renderer and
@@ -331,8 +299,6 @@ class ShapesDataset(Dataset):
         categories: Sequence[str] | None = None,
         phrasing: str = "train",
     ) -> None:
-        from .phrasing import PHRASINGS
-
         if phrasing not in PHRASINGS:
             raise ValueError(f"phrasing={phrasing!r} is not one of {PHRASINGS}")
         if not isinstance(resolution, int) or resolution < _MIN_RESOLUTION:
@@ -377,8 +343,6 @@ class ShapesDataset(Dataset):
 
     def caption(self, index: int) -> str:
         """The caption of item ``index`` (its own generator, so scenes are the same in every phrasing)."""
-        from .phrasing import phrase_scene
-
         scene = self.scene(index)
         return phrase_scene(scene, np.random.default_rng([self.seed, scene["index"], 1]), self.phrasing)
 
