@@ -1,6 +1,7 @@
 """Autoencoders: pixel space, tiny diffusers VAEs saved to disk and reloaded, the project's TinyAutoencoder."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from pocketdit.autoencoder import (
     TinyAutoencoder,
     autoencoder_loss,
     load_autoencoder,
-    train_autoencoder,
 )
+from pocketdit.train_ae import train_autoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -322,3 +323,48 @@ def test_train_autoencoder_on_iterable_dataset(tmp_path):
     result = train_autoencoder(Stream(), tmp_path, steps=4, batch_size=4, resolution=16, model_config=TINY_CFG,
                                stats_batches=1, device="cpu", progress=False)
     assert len(result.losses) == 4 and (tmp_path / "reconstruction.png").is_file()
+
+
+def test_train_autoencoder_runs_on_the_trainer_and_resumes_exactly(tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    data = RectanglesDataset(n=24, size=16)
+    kw = dict(steps=6, batch_size=4, lr=1e-2, resolution=16, model_config=TINY_CFG, warmup_steps=2, save_every=3,
+              stats_batches=2, device="cpu", progress=False)
+    full = train_autoencoder(data, tmp_path / "full", **kw)
+    run = tmp_path / "full" / "train"  # the Trainer's checkpoints, with EMA, and its reconstruction previews
+    assert (run / "latest").read_text().strip() == "checkpoint-0000006"
+    assert (run / "checkpoint-0000003" / "ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert Image.open(run / "samples" / "step-0000003.png").size == (4 * 16, 2 * 16)
+
+    # Interrupted after step 3: resume=True continues from there and ends where the uninterrupted run did.
+    cut = tmp_path / "cut"
+    train_autoencoder(data, cut, **kw)
+    shutil.rmtree(cut / "train" / "checkpoint-0000006")
+    (cut / "train" / "latest").write_text("checkpoint-0000003\n")
+    resumed = train_autoencoder(data, cut, resume=True, **kw)
+    assert resumed.losses == full.losses[3:]
+    name = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "full" / name)), load_file(str(cut / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+
+    # Without resume, a second run replaces the first (as train-ae always did) instead of mixing checkpoints.
+    train_autoencoder(data, cut, **{**kw, "steps": 2})
+    assert sorted(p.name for p in (cut / "train").glob("checkpoint-*")) == ["checkpoint-0000002"]
+
+
+def test_cli_train_ae_and_resume(tmp_path, capsys):
+    from pocketdit.cli import main
+
+    out = tmp_path / "ae"
+    args = ["train-ae", "-o", str(out), "--batch-size", "4", "--resolution", "16", "--data-option", "length=8",
+            "--device", "cpu"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert isinstance(load_autoencoder(out), TinyAutoencoder)
+    assert main([*args, "--steps", "3", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "at step 2" in printed and f"saved {out}" in printed
+    assert (out / "train" / "latest").read_text().strip() == "checkpoint-0000003"

@@ -302,3 +302,33 @@ def _distributed_worker(strategy: str, out: str):
 
 if __name__ == "__main__":
     _distributed_worker(sys.argv[1], sys.argv[2])
+
+
+def test_a_fresh_run_refuses_an_existing_run_and_overwrite_starts_clean(tmp_path):
+    from pocketdit.checkpoint import RunExistsError
+
+    run(tmp_path, 3)
+    assert (tmp_path / "checkpoint-0000003").is_dir()
+    with pytest.raises(RunExistsError, match="already holds a run.*--resume auto.*--overwrite"):
+        run(tmp_path, 2)
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-0000003"  # nothing was touched
+    run(tmp_path, 2, "--train.overwrite", "true", "--train.checkpoint_every", "2")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-0000002"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunExistsError, match="is a file"):
+        run(tmp_path / "file", 1)
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
+    run(tmp_path, 3)
+    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.002 -> 0\.001.*--allow-config-change"):
+        run(tmp_path, 4, "--train.resume", "auto", "--optim.lr", "1e-3")
+    trainer, losses = run(tmp_path, 4, "--train.resume", "auto", "--train.log_every", "2")  # safe keys pass
+    assert list(losses) == [4] and not (tmp_path / "config_changes.jsonl").exists()
+    trainer, losses = run(tmp_path, 5, "--train.resume", "auto", "--optim.lr", "1e-3",
+                          "--train.allow_config_change", "true")
+    assert list(losses) == [5]
+    record = json.loads((tmp_path / "config_changes.jsonl").read_text())
+    assert record["changes"] == {"optim.lr": [0.002, 0.001]}
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.001

@@ -20,7 +20,7 @@ _LAZY = {
     "build_text_conditioner": "pocketdit.text",
     "load_autoencoder": "pocketdit.autoencoder",
     "TinyAutoencoder": "pocketdit.autoencoder",
-    "train_autoencoder": "pocketdit.autoencoder",
+    "train_autoencoder": "pocketdit.train_ae",
     "build_dataset": "pocketdit.data",
 }
 

@@ -7,7 +7,8 @@ Every autoencoder here has the same small interface:
     latent_channels: int    downsample_factor: int (f)    name: str (stable id, e.g. for latent caches)
 
 * `PixelSpace`: the identity (3 channels, f = 1), for pixel-space models on small images.
-* `TinyAutoencoder`: the project's own, trained with `train_autoencoder` (`pocketdit train-ae`). The decoder
+* `TinyAutoencoder`: the project's own, trained with `pocketdit.train_ae.train_autoencoder` (`pocketdit
+  train-ae`, the "autoencoder" method on the shared Trainer; `autoencoder_loss` below is its loss). The decoder
   follows SnapGen's tiny decoder recipe (no attention, depthwise-separable convolutions); the encoder is a
   plain small conv net since it only runs at training time. Latent normalisation is a per-channel mean/std
   fitted after training and stored as buffers in the safetensors file.
@@ -22,14 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -48,9 +44,7 @@ __all__ = [
     "DiffusersAutoencoder",
     "SUPPORTED_DIFFUSERS_AUTOENCODERS",
     "load_autoencoder",
-    "train_autoencoder",
     "autoencoder_loss",
-    "AutoencoderTrainingResult",
 ]
 
 
@@ -570,7 +564,7 @@ def load_autoencoder(spec: Union[str, os.PathLike], device: Union[str, torch.dev
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training the tiny autoencoder
+# The tiny autoencoder's training loss (the training itself: pocketdit.train_ae)
 # ----------------------------------------------------------------------------------------------------
 def image_gradients(x: torch.Tensor):
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
@@ -591,198 +585,3 @@ def autoencoder_loss(recon: torch.Tensor, target: torch.Tensor, latents: Optiona
         out["latent_l2"] = reg.detach()
     out["loss"] = loss
     return out
-
-
-def _to_square(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Center-crop to a square and resize to resolution x resolution (antialiased)."""
-    _, h, w = image.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    image = image[:, top: top + s, left: left + s]
-    if s != resolution:
-        image = F.interpolate(image[None].float(), size=(resolution, resolution), mode="bilinear",
-                              antialias=True, align_corners=False)[0]
-    return image
-
-
-class _ImageCollate:
-    def __init__(self, resolution: int):
-        self.resolution = resolution
-
-    def __call__(self, samples):
-        images = []
-        for i, s in enumerate(samples):
-            img = s["image"] if isinstance(s, dict) else (s[0] if isinstance(s, (tuple, list)) else s)
-            if not torch.is_tensor(img) or img.dim() != 3 or img.shape[0] != 3:
-                got = tuple(img.shape) if torch.is_tensor(img) else type(img).__name__
-                raise ValueError(f"dataset sample {i} has image {got}; expected a (3, H, W) tensor in [-1, 1]")
-            images.append(_to_square(img.float(), self.resolution))
-        return torch.stack(images)
-
-
-def _infinite_batches(loader):
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the dataset yielded no batches (is it empty, or smaller than batch_size?)")
-
-
-def _atomic_save(model: TinyAutoencoder, out_dir: Path):
-    """save_pretrained into a temp dir beside out_dir, then os.replace each file into place (atomic per file;
-    the weights file, which holds the normalisation buffers, is the only one that changes between saves)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out_dir))
-    try:
-        model.save_pretrained(tmp)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-            os.replace(f, out_dir / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_reconstruction_png(images: torch.Tensor, recon: torch.Tensor, path: Path):
-    """Two rows: inputs on top, reconstructions below."""
-    from PIL import Image
-
-    grid = torch.cat([torch.cat(list(images), dim=2), torch.cat(list(recon), dim=2)], dim=1)
-    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-@dataclass
-class AutoencoderTrainingResult:
-    model: TinyAutoencoder
-    out_dir: Path
-    losses: List[float] = field(default_factory=list)
-    reconstruction_path: Optional[Path] = None
-    final_l1: Optional[float] = None  # mean L1 reconstruction error of the saved model on the PNG batch, [-1, 1] scale
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def train_autoencoder(
-    dataset,
-    out_dir: Union[str, os.PathLike],
-    steps: int = 2000,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    resolution: int = 64,
-    model: Optional[TinyAutoencoder] = None,
-    preset: str = "f4c4",
-    model_config: Optional[dict] = None,
-    edge_weight: float = 0.5,
-    latent_l2_weight: float = 1e-4,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 50,
-    grad_clip: float = 1.0,
-    save_every: int = 0,
-    stats_batches: int = 8,
-    num_workers: int = 0,
-    device: Union[str, torch.device, None] = "auto",
-    seed: int = 0,
-    progress: bool = True,
-) -> AutoencoderTrainingResult:
-    """Train a TinyAutoencoder on a dataset of `{"image": (3, H, W) in [-1, 1], ...}` samples.
-
-    Images are center-cropped and resized to `resolution`. AdamW with linear warmup and cosine decay to 10%
-    of `lr`; loss = L1 + edge_weight * edge L1 + latent_l2_weight * mean(z^2). The model is built from
-    `model_config` (TinyAutoencoder kwargs) or `preset` unless `model` is given. At the end (and every
-    `save_every` steps if > 0) the latent normalisation is fitted on `stats_batches` batches and the model is
-    saved to `out_dir` (config.json + diffusion_pytorch_model.safetensors, loadable with `load_autoencoder`),
-    with `reconstruction.png` (inputs over reconstructions) and `train_log.jsonl` (one line per step).
-    """
-    from tqdm.auto import tqdm
-
-    for key, value in [("steps", steps), ("batch_size", batch_size), ("resolution", resolution),
-                       ("stats_batches", stats_batches)]:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"train_autoencoder: {key} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"train_autoencoder: lr must be > 0, got {lr!r}")
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
-    torch.manual_seed(seed)
-    dev = _resolve_device(device)
-    if model is None:
-        model = TinyAutoencoder(**model_config) if model_config is not None else TinyAutoencoder.from_preset(preset)
-    if resolution % model.downsample_factor:
-        raise InvalidImageSizeError(
-            f"resolution {resolution} is not a multiple of the autoencoder's downsample factor {model.downsample_factor}"
-        )
-    model = model.to(dev).train()
-
-    is_iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=not is_iterable, drop_last=not is_iterable,
-        collate_fn=_ImageCollate(resolution), num_workers=num_workers,
-        generator=None if is_iterable else torch.Generator().manual_seed(seed),
-    )
-    if not is_iterable and len(dataset) < batch_size:
-        raise ValueError(f"dataset has {len(dataset)} images, fewer than batch_size={batch_size}")
-    batches = _infinite_batches(loader)
-    preview = next(iter(torch.utils.data.DataLoader(dataset, batch_size=min(8, batch_size),
-                                                    collate_fn=_ImageCollate(resolution))))
-
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
-
-    def lr_lambda(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_frac = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "train_log.jsonl"
-    losses: List[float] = []
-
-    def save(step):
-        model.eval()
-        model.fit_latent_normalization(next(batches).to(dev) for _ in range(stats_batches))
-        _atomic_save(model, out_dir)
-        with torch.no_grad():
-            recon = model.decode(model.encode(preview.to(dev))).cpu()
-        _save_reconstruction_png(preview, recon, out_dir / "reconstruction.png")
-        model.train()
-        return (recon - preview).abs().mean().item()
-
-    start = time.time()
-    bar = tqdm(range(steps), desc="train-ae", disable=not progress, dynamic_ncols=True)
-    with open(log_path, "w") as log:
-        for step in bar:
-            images = next(batches).to(dev, non_blocking=True)
-            recon, z = model(images)
-            terms = autoencoder_loss(recon.float(), images.float(), z, edge_weight, latent_l2_weight)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"train-ae: loss became {loss.item()} at step {step}; lower lr (now {lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip and grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            record = {"step": step + 1, **{k: round(float(v.detach()), 6) for k, v in terms.items()},
-                      "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
-            log.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", l1=f"{terms['l1'].item():.4f}")
-            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-                save(step + 1)
-    final_l1 = save(steps)
-    model.eval()
-    return AutoencoderTrainingResult(model=model, out_dir=out_dir, losses=losses,
-                                     reconstruction_path=out_dir / "reconstruction.png", final_l1=final_l1)

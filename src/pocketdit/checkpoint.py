@@ -200,6 +200,76 @@ def prune_checkpoints(output_dir: Path, keep_last: int, keep: Optional[Path] = N
             shutil.rmtree(p, ignore_errors=True)
 
 
+# Keys a resumed run may change without --allow-config-change: how long, where, how often to log and sample,
+# and how many CPU threads. Anything else changes what is trained, so it must be asked for.
+RESUME_SAFE_KEYS = frozenset({
+    "train.steps", "train.output_dir", "train.resume", "train.overwrite", "train.allow_config_change",
+    "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.num_threads",
+    "train.progress", "train.sample_prompts", "train.sample_steps", "train.sample_guidance", "data.num_workers",
+})
+RUN_FILES = ("config.json", "metrics.jsonl", "latest", "loss.png", "samples", "config_changes.jsonl")
+
+
+class RunExistsError(FileExistsError):
+    """A fresh run was pointed at a directory that already holds one."""
+
+
+def run_contents(output_dir: Path) -> list[str]:
+    """The names in `output_dir` that belong to a training run (empty if none, or no such directory)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name in RUN_FILES or p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def prepare_fresh_run_dir(output_dir: Path, overwrite: bool = False) -> None:
+    """Refuse to start a run in a directory that holds one, unless `overwrite` (then delete that run's files:
+    new checkpoints beside old ones, or an old `latest`, would make a later --resume pick the wrong one)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunExistsError(f"train.output_dir {output_dir} is a file, not a directory")
+    found = run_contents(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise RunExistsError(
+            f"train.output_dir {output_dir} already holds a run ({shown}); continue it with --resume auto, "
+            f"start over with --overwrite (deletes it), or choose another --train.output_dir"
+        )
+    for name in found:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def changed_config_keys(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (saved value, current value)} for every leaf that differs between two config dicts."""
+    changes = {}
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(changed_config_keys(a, b, f"{dotted}."))
+        elif a != b:
+            changes[dotted] = (a, b)
+    return changes
+
+
+def check_resume_config(saved: dict, current: dict, allow_change: bool, source: Path) -> dict[str, tuple]:
+    """The changes a resume makes to the run's config; an error naming them unless they are safe or allowed."""
+    changes = changed_config_keys(saved, current)
+    unsafe = {k: v for k, v in changes.items() if k not in RESUME_SAFE_KEYS}
+    if unsafe and not allow_change:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(unsafe.items())[:6])
+        if len(unsafe) > 6:
+            listed += f"; and {len(unsafe) - 6} more"
+        raise CheckpointError(
+            f"resuming changes the run's config ({source}): {listed}. Resume with the same values, or pass "
+            f"--allow-config-change to accept them"
+        )
+    return unsafe
+
+
 def clean_temp_dirs(output_dir: Path):
     """Remove half-written checkpoints left by a crash during a save."""
     for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp-*"):

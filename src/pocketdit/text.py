@@ -20,6 +20,7 @@ Encoders are frozen: parameters never require grad, dropout is off even when a p
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -89,6 +90,11 @@ class TextEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def tokenize(self, prompts: Sequence[str]) -> dict:
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+        for prompt, n in zip(prompts, lengths):
+            if n > self.max_length:  # the model never sees the end of it: say so instead of dropping words silently
+                warnings.warn(f"{self.name}: prompt is {n} tokens, only the first {self.max_length} are used: "
+                              f"{prompt[:80]!r}{'...' if len(prompt) > 80 else ''}", stacklevel=3)
         return self.tokenizer(
             list(prompts),
             padding="max_length",

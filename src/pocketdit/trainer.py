@@ -30,9 +30,11 @@ from .checkpoint import (
     MODEL_WEIGHTS,
     CheckpointError,
     check_checkpoint_files,
+    check_resume_config,
     clean_temp_dirs,
     load_optimizer_state,
     load_pretrained_transformer,
+    prepare_fresh_run_dir,
     prune_checkpoints,
     read_safetensors,
     read_training_state,
@@ -104,6 +106,11 @@ class EpochBatchSampler:
         mine = perm[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
         n = self.num_batches
         return [mine[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n)]
+
+
+def _batch_len(batch) -> int:
+    """Samples in a batch: its captions, or the first dimension of its images (batches without text)."""
+    return len(batch["caption"]) if "caption" in batch else len(batch["image"])
 
 
 def _default_collate(samples):
@@ -249,10 +256,32 @@ class Trainer:
     def train(self) -> dict[int, float]:
         """Train to `train.steps` optimizer steps; returns {step: loss} for the steps run in this call."""
         tcfg = self.tcfg
+        config = json.loads(json.dumps(config_to_dict(self.config)))
+        changes = {}
+        if not tcfg.resume:
+            if not tcfg.overwrite:  # read-only: every rank sees the same directory and raises alike
+                prepare_fresh_run_dir(self.output_dir)
+            barrier(self.dist)  # all ranks have looked before the main one deletes or writes
+            if tcfg.overwrite and self.dist.is_main:
+                prepare_fresh_run_dir(self.output_dir, overwrite=True)
+        else:
+            source = self._resume_source()
+            if source is not None and (source.parent / "config.json").is_file():
+                run_config = source.parent / "config.json"
+                try:
+                    saved = json.loads(run_config.read_text())
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"cannot read the run's config {run_config}: {e}") from None
+                changes = check_resume_config(saved, config, tcfg.allow_config_change, run_config)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             clean_temp_dirs(self.output_dir)
-            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2))
+            if changes:  # accepted with allow_config_change: say so, and keep the record in the run
+                print("resuming with a changed config: " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in
+                                                                      changes.items()), flush=True)
+                with open(self.output_dir / "config_changes.jsonl", "a") as f:
+                    f.write(json.dumps({"changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+            (self.output_dir / "config.json").write_text(json.dumps(config, indent=2))
         barrier(self.dist)
         if tcfg.resume:
             self.resume(self.output_dir if tcfg.resume == "auto" else tcfg.resume, missing_ok=tcfg.resume == "auto")
@@ -307,7 +336,7 @@ class Trainer:
                     record = {
                         "step": self.step, "loss": window_loss / window_n, "lr": lr, "grad_norm": grad_norm,
                         "epoch": epoch, "steps_per_sec": window_n / dt if dt > 0 else None,
-                        "samples_per_sec": window_n * len(batch["caption"]) * self.dist.world_size / dt if dt > 0 else None,
+                        "samples_per_sec": window_n * _batch_len(batch) * self.dist.world_size / dt if dt > 0 else None,
                         "time": time.time(),
                     }
                     for k, v in out.items():
@@ -372,6 +401,15 @@ class Trainer:
         self.last_checkpoint = final
         return final
 
+    def _resume_source(self) -> Optional[Path]:
+        """The checkpoint that train.resume names (None for "auto" in a run without one)."""
+        p = self.output_dir if self.tcfg.resume == "auto" else Path(self.tcfg.resume)
+        if self.tcfg.resume == "auto" and not (p / "latest").is_file() and not (p / "trainer_state.json").is_file():
+            return None
+        ckpt = resolve_checkpoint(p)
+        check_checkpoint_files(ckpt)
+        return ckpt
+
     def resume(self, path, missing_ok: bool = False) -> bool:
         """Restore everything from a checkpoint (or a run dir's latest). Returns False if missing_ok and none."""
         p = Path(path)
@@ -433,12 +471,21 @@ class Trainer:
         return self._sample_model.eval()
 
     def save_samples(self) -> Optional[Path]:
-        """Sample grid of `train.sample_prompts` from the EMA model -> output_dir/samples/step-XXXXXXX.png."""
-        if not hasattr(self.method, "text_conditioner") or not hasattr(self.method, "autoencoder"):
+        """Sample grid of `train.sample_prompts` from the EMA model -> output_dir/samples/step-XXXXXXX.png.
+
+        A method with its own `save_samples(model, path)` (e.g. a reconstruction for autoencoder training)
+        is given the EMA model and the path instead.
+        """
+        hook = getattr(self.method, "save_samples", None)
+        if hook is None and (not hasattr(self.method, "text_conditioner") or not hasattr(self.method, "autoencoder")):
             return None
         model = self.ema_model()
         if model is None:
             return None
+        out = self.output_dir / "samples" / f"step-{self.step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if hook is not None:
+            return hook(model, out)
         from .pipeline import PocketDiTPipeline, make_grid, make_scheduler
 
         pipe = PocketDiTPipeline(model, make_scheduler(self.config.schedule.shift), self.method.text_conditioner,
@@ -449,13 +496,14 @@ class Trainer:
             list(self.tcfg.sample_prompts), num_inference_steps=self.tcfg.sample_steps,
             guidance_scale=self.tcfg.sample_guidance, height=res, width=res, seed=self.tcfg.seed,
         ).images
-        out = self.output_dir / "samples" / f"step-{self.step:07d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, scale=max(1, 128 // res)).save(out)
         return out
 
     def plot_losses(self) -> Optional[Path]:
         return plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png")
+
+
+_warned_no_matplotlib = False
 
 
 def plot_metrics(metrics_path: Path, out_path: Path, title: str = "training loss") -> Optional[Path]:
@@ -474,7 +522,14 @@ def plot_metrics(metrics_path: Path, out_path: Path, title: str = "training loss
             losses.append(rec["loss"])
     if not steps:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        global _warned_no_matplotlib
+        if not _warned_no_matplotlib:
+            print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)", flush=True)
+            _warned_no_matplotlib = True
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

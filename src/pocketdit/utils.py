@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -30,9 +32,33 @@ def dir_fingerprint(model_dir: Path) -> str:
 
 def cli_error(message: str) -> int:
     """Print a command's error to stderr and return its exit code (2, as argparse does for usage errors)."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"pocketdit: error: {' '.join(str(message).split())}", file=sys.stderr)  # as pocketdit.cli: one line
     return 2
 
 
 def format_mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+@contextmanager
+def atomic_directory(final: Path):
+    """Write a directory in full or not at all: yields a hidden sibling to write into, which replaces `final`
+    only when the block completes. A crash or kill -9 midway leaves `final` as it was (and the sibling,
+    removed by the next call)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}") if final.exists() else None
+    if old is not None:
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -34,6 +34,9 @@ __all__ = [
     "ExportResult",
     "DeploymentParts",
     "load_parts",
+    "check_resolution",
+    "required_modules",
+    "export_file_names",
     "export_pipeline",
     "export_graph",
     "load_runner",
@@ -47,6 +50,27 @@ __all__ = [
 FORMATS = ("executorch", "coreml", "onnx")
 SUFFIXES = {"executorch": ".pte", "coreml": ".mlpackage", "onnx": ".onnx"}
 MANIFEST = "export.json"
+GRAPHS = ("text_encoder", "denoiser", "decoder")
+# (format, scheme) pairs with no lowering here, and what to use instead
+UNSUPPORTED = {("executorch", "int8"): "8da4w or palettize4", ("onnx", "8da4w"): "int8 or palettize4",
+               ("coreml", "8da4w"): "palettize4 or int8"}
+
+
+def export_file_names(fmt: Optional[str] = None) -> set:
+    """Every name `export_pipeline` writes into its output directory (of one format, or of any)."""
+    suffixes = [SUFFIXES[fmt]] if fmt is not None else list(SUFFIXES.values())
+    return {MANIFEST} | {f"{g}{s}" for g in GRAPHS for s in suffixes}
+
+
+def required_modules(fmt: Optional[str], scheme: Optional[str] = None) -> list:
+    """The optional packages (the `export` extra) that exporting to `fmt` (None: eager PyTorch) with `scheme`
+    imports: the exporter and the runtime of the parity check, and the quantizer of the scheme."""
+    modules = {None: [], "executorch": ["executorch"], "onnx": ["onnx", "onnxruntime"], "coreml": ["coremltools"]}[fmt]
+    if scheme == "palettize4":
+        modules = modules + ["coremltools"]  # its k-means is coremltools' post-training palettizer
+    elif scheme in ("int8", "8da4w") and not (fmt == "onnx" and scheme == "int8"):  # onnx int8: onnxruntime's
+        modules = modules + ["torchao"]
+    return list(dict.fromkeys(modules))
 
 
 @dataclass
@@ -121,8 +145,12 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
     text = ae = None
     shift = 1.0
     default_size = None
+    text_lengths = None
     if (p / "pipeline.json").is_file():
-        meta = json.loads((p / "pipeline.json").read_text())
+        meta = _read_json(p / "pipeline.json")
+        for key in ("text_encoders", "autoencoder"):
+            if key not in meta:
+                raise ValueError(f"{p / 'pipeline.json'} has no {key!r} entry; is it a PocketDiT pipeline?")
         transformer = load_denoiser(p / "transformer")
         text_encoder = text_encoder or ",".join(meta["text_encoders"])
         if autoencoder is None:
@@ -130,9 +158,11 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
             autoencoder = str(p / spec[2:]) if spec.startswith("./") else spec
         shift = float(meta.get("default_shift", 1.0))
         default_size = meta.get("default_size")
-        text_lengths = meta.get("text_max_lengths")
+        text_lengths = meta.get("text_max_lengths") if text_encoder == ",".join(meta["text_encoders"]) else None
     elif (p / "model_index.json").is_file():  # PocketDiTPipeline.save_pretrained
-        index = json.loads((p / "model_index.json").read_text())
+        index = _read_json(p / "model_index.json")
+        if not isinstance(index, dict) or "transformer" not in index:
+            raise ValueError(f"{p / 'model_index.json'} has no 'transformer' entry; is it a PocketDiT pipeline?")
         transformer = load_denoiser(p / "transformer")
         if text_encoder is None:
             from ..text import TextConditioner
@@ -141,20 +171,29 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         if autoencoder is None:
             autoencoder = str(p / "autoencoder")
         scheduler_config = p / "scheduler" / "scheduler_config.json"
-        shift = float(json.loads(scheduler_config.read_text()).get("shift", 1.0)) if scheduler_config.is_file() else 1.0
+        shift = float(_read_json(scheduler_config).get("shift", 1.0)) if scheduler_config.is_file() else 1.0
         default_size = index.get("default_size")
-        text_lengths = None
     elif _is_pocketdit_dir(p) or _is_pocketdit_dir(p / "transformer"):
         transformer = load_denoiser(p)
-        text_lengths = None
-    else:
-        from ..pipeline import PocketDiTPipeline
+    else:  # a training run or one of its checkpoints: its config names the text encoders and the autoencoder
+        from ..checkpoint import CheckpointError, load_checkpoint_weights, resolve_checkpoint
+        from ..pipeline import _checkpoint_shift
 
-        pipe = PocketDiTPipeline.from_pretrained(p)
-        transformer = pipe.transformer.eval()
-        text = None if text_encoder == "none" else pipe.text_conditioner
-        ae = None if autoencoder == "none" else pipe.autoencoder
-        return DeploymentParts(transformer, text, ae, pipe.shift, str(p), pipe.default_size)
+        ckpt = resolve_checkpoint(p)
+        state_file = ckpt / "trainer_state.json"
+        if not state_file.is_file():
+            raise CheckpointError(f"{ckpt} has no trainer_state.json, so its text encoder and autoencoder are unknown")
+        try:
+            cfg = _read_json(state_file)["config"]
+            recorded_text, recorded_ae = ",".join(cfg["text"]["encoders"]), cfg["autoencoder"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{state_file} has no config.text.encoders / config.autoencoder entry ({e})") from None
+        transformer = load_checkpoint_weights(ckpt, ema=True)
+        if text_encoder is None:
+            text_encoder, text_lengths = recorded_text, cfg["text"].get("max_length")
+        autoencoder = recorded_ae if autoencoder is None else autoencoder
+        shift = _checkpoint_shift(cfg)
+        default_size = (cfg.get("data") or {}).get("resolution")
     if text_encoder and text_encoder != "none":
         from ..text import build_text_conditioner
 
@@ -164,7 +203,50 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         from ..autoencoder import load_autoencoder
 
         ae = load_autoencoder(autoencoder)
+    _check_components(transformer, text, ae, p)
     return DeploymentParts(transformer.eval(), text, ae, shift, str(p), default_size)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON text file") from None
+
+
+def _check_components(transformer, text, ae, source: Path) -> None:
+    """The text encoders' widths and the autoencoder's latent channels must be the ones the model takes."""
+    want = list(getattr(transformer.config, "text_embed_dims", []))
+    if text is not None:
+        got = [getattr(e, "embed_dim", None) for e in getattr(text, "encoders", [])]
+        if got != want:
+            raise ValueError(f"the text encoder(s) {list(getattr(text, 'names', ()))} give embeddings of width {got}, "
+                             f"but the model in {source} takes {want}; pass a matching --text-encoder (or 'none')")
+    channels = getattr(ae, "latent_channels", None) if ae is not None else None
+    if channels is not None and channels != transformer.config.in_channels:
+        raise ValueError(f"the autoencoder {getattr(ae, 'name', type(ae).__name__)!r} has {channels} latent channels, "
+                         f"but the model in {source} takes {transformer.config.in_channels}; pass a matching --autoencoder")
+
+
+def check_resolution(parts: DeploymentParts, resolution: int, model=None) -> int:
+    """Image side -> latent side; an InvalidResolutionError (a ValueError) naming nearby valid image sizes."""
+    from ..model import InvalidResolutionError
+
+    model = model if model is not None else parts.transformer
+    factor = getattr(parts.autoencoder, "downsample_factor", 1) if parts.autoencoder is not None else 1
+    m, target = model.latent_multiple, max(1, resolution // factor)  # square images: square latents
+    sides = [n for n in range(max(m, target - 8 * m), target + 8 * m + 1, m) if model.is_valid_latent_size(n, n)]
+    near = ", ".join(str(n * factor) for n in sorted(sorted(sides, key=lambda n: (abs(n - target), n))[:4]))
+    if resolution < 1 or resolution % factor:
+        raise InvalidResolutionError(f"resolution {resolution} is not a multiple of the autoencoder's downsample factor "
+                                     f"{factor}; nearest valid image sizes: {near}")
+    latent = resolution // factor
+    if not model.is_valid_latent_size(latent, latent):
+        raise InvalidResolutionError(f"resolution {resolution} (latent {latent}x{latent}) is not valid for this model; "
+                                     f"nearest valid image sizes: {near}")
+    return latent
 
 
 def _is_pocketdit_dir(d: Path) -> bool:
@@ -187,19 +269,24 @@ def _select_width(model, width: Optional[int]):
     return materialize(model, width).eval()
 
 
-def _apply_quantization(model, scheme: Optional[str], fmt: str, calibration=None, progress: bool = True):
-    from ..quantize import config_for_scheme, quantize_, random_calibration
-
+def effective_scheme(model, scheme: Optional[str], fmt: str) -> Optional[str]:
+    """The scheme the export will have (the checkpoint's own when already quantized); a ValueError when it
+    conflicts with the checkpoint's or has no lowering to `fmt`."""
     existing = getattr(model, "_pocketdit_quantization", None)
     if existing is not None:
         if scheme is not None and scheme != existing["scheme"]:
             raise ValueError(f"the checkpoint is already quantized with {existing['scheme']!r}; cannot also apply {scheme!r}")
         scheme = existing["scheme"]
-    if scheme is not None:
-        unsupported = {("executorch", "int8"), ("onnx", "8da4w"), ("coreml", "8da4w")}
-        if (fmt, scheme) in unsupported:
-            hint = {"executorch": "8da4w or palettize4", "onnx": "int8 or palettize4", "coreml": "palettize4 or int8"}[fmt]
-            raise ValueError(f"scheme {scheme!r} has no {fmt} lowering here; use --quantize {hint}")
+    if scheme is not None and (fmt, scheme) in UNSUPPORTED:
+        raise ValueError(f"scheme {scheme!r} has no {fmt} lowering here; use --quantize {UNSUPPORTED[fmt, scheme]}")
+    return scheme
+
+
+def _apply_quantization(model, scheme: Optional[str], fmt: str, calibration=None, progress: bool = True):
+    from ..quantize import config_for_scheme, quantize_, random_calibration
+
+    existing = getattr(model, "_pocketdit_quantization", None)
+    scheme = effective_scheme(model, scheme, fmt)
     if existing is None and scheme is not None:
         model = copy.deepcopy(model)
         cfg = config_for_scheme(scheme)
@@ -272,11 +359,7 @@ def _io(spec: GraphSpec) -> dict:
 def build_specs(parts: DeploymentParts, config: ExportConfig, model=None) -> dict[str, GraphSpec]:
     model = model if model is not None else parts.transformer
     ae = parts.autoencoder
-    factor = getattr(ae, "downsample_factor", 1) if ae is not None else 1
-    if config.resolution % factor:
-        raise ValueError(f"resolution {config.resolution} is not a multiple of the autoencoder's downsample factor {factor}")
-    latent = config.resolution // factor
-    model.check_latent_size(latent, latent)
+    latent = check_resolution(parts, config.resolution, model)
     specs = {}
     encoders = list(getattr(parts.text_conditioner, "encoders", [])) if parts.text_conditioner is not None else []
     if len(encoders) > 1:
@@ -298,10 +381,13 @@ def export_pipeline(parts: DeploymentParts, out_dir: Union[str, os.PathLike], co
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = _select_width(parts.transformer.eval(), config.width)
+    # what can be checked in a moment fails before the (palettization's minutes of) work
+    check_resolution(parts, config.resolution, model)
+    effective_scheme(model, config.quantize, config.format)
     model, scheme = _apply_quantization(model, config.quantize, config.format, progress=progress)
     specs = build_specs(parts, config, model)
+    out.mkdir(parents=True, exist_ok=True)
     result = ExportResult(out)
     runners = {}
     runtime = {"executorch": "executorch", "onnx": "onnxruntime", "coreml": "coreml"}[config.format]

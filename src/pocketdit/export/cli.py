@@ -1,58 +1,121 @@
 """`pocketdit export | bench runtime`: argument parsing and reporting around pocketdit.export. Each command
-takes the remaining argv and returns an exit code (`pocketdit quantize` lives in pocketdit.quantize.cli)."""
+takes the remaining argv and returns an exit code (`pocketdit quantize` lives in pocketdit.quantize.cli).
+
+Every argument is checked before any work starts (types and ranges, the output directory, the optional
+packages the format needs, the component paths, the resolution against the model); a bad one is one
+`pocketdit: error: ...` line and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
-from ..utils import cli_error, format_mib
+from ..argtypes import ArgumentParser, CLIError, check_output_dir, finite_float, positive_int, seed
+from ..utils import atomic_directory, cli_error, format_mib
+from .checks import check_component_options, check_input_path, load_input, require_export_modules
+
+SCHEMES = ("palettize4", "int8", "8da4w")
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------------
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pocketdit export",
         description="Export text encoder, denoiser (one width, one step) and decoder as static-shape graphs, "
         "each checked against eager PyTorch (PSNR), plus a whole few-step generation.",
     )
     p.add_argument("checkpoint", help="pipeline directory, training run/checkpoint, or (quantized) PocketDiT directory")
     p.add_argument("--format", required=True, choices=["executorch", "coreml", "onnx"])
-    p.add_argument("--resolution", type=int, required=True, help="image side in pixels")
-    p.add_argument("--width", type=int, default=None, help="elastic width (default: the checkpoint's hidden size)")
-    p.add_argument("--quantize", choices=["palettize4", "int8", "8da4w"], default=None, help="quantize before exporting")
-    p.add_argument("-o", "--output", default=None, help="output directory (default: exports/<format>)")
-    p.add_argument("--text-encoder", default=None, help="'minilm', a local encoder directory or 'none' (default: the checkpoint's)")
+    p.add_argument("--resolution", type=positive_int, required=True,
+                   help="image side in pixels (a size the model takes; an invalid one names the nearest valid ones)")
+    p.add_argument("--width", type=positive_int, default=None, help="elastic width (default: the checkpoint's hidden size)")
+    p.add_argument("--quantize", choices=list(SCHEMES), default=None, help="quantize before exporting")
+    p.add_argument("-o", "--output", default=None,
+                   help="output directory (default: exports/<format>); must be new or empty unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty output directory (a previous export's included)")
+    p.add_argument("--text-encoder", default=None,
+                   help="'minilm', a local encoder directory or 'none' (default: the checkpoint's)")
     p.add_argument("--autoencoder", default=None, help="'pixel', a local directory or 'none' (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=4, help="steps of the end-to-end parity check")
-    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the pipeline's)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--min-psnr", type=float, default=35.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=4, help="steps of the end-to-end parity check")
+    p.add_argument("--shift", type=finite_float(0.0, 1000.0, low_open=True), default=None,
+                   help="timestep shift (default: the pipeline's)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--min-psnr", type=finite_float(), default=35.0, help="parity threshold in dB (default: 35)")
+    p.add_argument("--seed", type=seed, default=0)
     return p
 
 
 def export_command(argv: Sequence[str]) -> int:
+    try:
+        return _export(argv)
+    except CLIError as e:
+        return cli_error(str(e))
+
+
+def _export(argv: Sequence[str]) -> int:
     args = export_parser().parse_args(list(argv))
-    from . import ExportConfig, ParityError, export_pipeline, load_parts
+    # everything that needs no model first: options, paths, packages
+    check_component_options(args.text_encoder, args.autoencoder)
+    source = check_input_path(args.checkpoint)
+    out = Path(args.output or f"exports/{args.format}")
+    if _same_dir(out, source):
+        raise CLIError(f"-o {out}: is the input checkpoint; choose another directory")
+    check_output_dir(out, "-o", overwrite=args.overwrite)
+    if args.quantize is not None:
+        from . import UNSUPPORTED
+
+        if (args.format, args.quantize) in UNSUPPORTED:
+            raise CLIError(f"--quantize {args.quantize} has no {args.format} lowering here; use --quantize "
+                           f"{UNSUPPORTED[args.format, args.quantize]}")
+    require_export_modules(args.format, args.quantize,
+                           f"export --format {args.format}" + (f" --quantize {args.quantize}" if args.quantize else ""))
+    from . import ExportConfig, ParityError, check_resolution, effective_scheme, export_pipeline
 
     try:
         config = ExportConfig(
             format=args.format, resolution=args.resolution, width=args.width, quantize=args.quantize,
             batch_size=args.batch_size, num_steps=args.steps, shift=args.shift, min_psnr=args.min_psnr, seed=args.seed,
         )
-        parts = load_parts(args.checkpoint, args.text_encoder, args.autoencoder)
-        result = export_pipeline(parts, args.output or f"exports/{args.format}", config)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    parts = load_input(args.checkpoint, args.text_encoder, args.autoencoder)
+    # what needs the model, before the work: the scheme it already has, the resolution, the width
+    try:
+        effective_scheme(parts.transformer, args.quantize, args.format)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        check_resolution(parts, args.resolution)
+    except ValueError as e:
+        raise CLIError(f"--resolution: {e}") from None
+    hidden = parts.transformer.config.hidden_size
+    if args.width is not None and args.width != hidden:
+        from . import _select_width
+
+        try:
+            _select_width(parts.transformer, args.width)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    try:
+        with atomic_directory(out) as staging:  # -o is replaced whole or not at all (a failed check included)
+            result = export_pipeline(parts, staging, config)
     except ParityError as e:
         return cli_error(f"parity check failed: {e}")
-    except (FileNotFoundError, ValueError) as e:
-        return cli_error(str(e))
     for name, par in result.parity.items():
         size = f", {format_mib(result.sizes[name])}" if name in result.sizes else ""
         print(f"{name:>13}: PSNR {par.psnr:.1f} dB vs eager ({par.runtime}){size}")
-    print(f"wrote {result.out_dir} (manifest {result.out_dir / 'export.json'})")
+    print(f"wrote {out} (manifest {out / 'export.json'})")
     return 0
 
 
@@ -61,11 +124,17 @@ def export_command(argv: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------------------------------
 def bench_command(argv: Sequence[str]) -> int:
     argv = list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print("usage: pocketdit bench runtime CHECKPOINT [options]   (see `pocketdit bench runtime --help`)")
-        return 0 if argv else 2
+        return 0
+    if not argv:
+        return cli_error("bench: name the benchmark: `pocketdit bench runtime CHECKPOINT [options]` "
+                         "(see `pocketdit bench runtime --help`)")
     if argv[0] != "runtime":
         return cli_error(f"unknown bench {argv[0]!r}; available: runtime")
     from .runtime_bench import main
 
-    return main(argv[1:])
+    try:
+        return main(argv[1:])
+    except CLIError as e:
+        return cli_error(str(e))

@@ -11,6 +11,7 @@ its memory high-water mark is its own.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -20,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from ..argtypes import CLIError, ArgumentParser, check_output_dir, check_output_file, non_negative_int, positive_int, threads
 
 CONFIGS = {
     # name: (runtime, format or None for eager, quantization scheme or None)
@@ -35,18 +38,23 @@ DEFAULT_CONFIGS = ("eager-fp32", "eager-int8", "onnx-fp32", "onnx-int8", "execut
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pocketdit bench runtime", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="pocketdit bench runtime", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="pipeline directory, training run/checkpoint or PocketDiT directory")
-    p.add_argument("--resolution", type=int, default=None, help="image side (default: the pipeline's default size)")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--runs", type=int, default=5, help="timed generations per configuration (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for every runtime (default: all cores)")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list from {sorted(CONFIGS)}")
-    p.add_argument("--export-dir", default="exports/bench", help="where exported graphs are written / reused")
-    p.add_argument("--text-encoder", default=None)
-    p.add_argument("--autoencoder", default=None)
-    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md (section 'runtime')")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="image side (default: the pipeline's default size; must be a size the model takes)")
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--runs", type=positive_int, default=5, help="timed generations per configuration (median reported)")
+    p.add_argument("--warmup", type=non_negative_int, default=1)
+    p.add_argument("--threads", type=threads, default=None, help="CPU threads for every runtime (default, or 0: all cores)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma list from {sorted(CONFIGS)}; each needs only its own runtime's packages")
+    p.add_argument("--export-dir", default="exports/bench",
+                   help="where exported graphs are written / reused (one folder per configuration, holding only "
+                        "what `pocketdit export` writes)")
+    p.add_argument("--text-encoder", default=None, help="'minilm', a local encoder directory or 'none' (default: the checkpoint's)")
+    p.add_argument("--autoencoder", default=None, help="'pixel', a local directory or 'none' (default: the checkpoint's)")
+    p.add_argument("--write", action="store_true",
+                   help="write the table into BENCHMARKS.md (section 'runtime'; needs a source checkout)")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
@@ -79,12 +87,16 @@ def _worker(spec: dict) -> dict:
 
     threads = spec["threads"]
     torch.set_num_threads(threads)
-    import executorch.runtime  # noqa: F401  (import every runtime first so the baseline is the same for all)
-    import onnxruntime  # noqa: F401
+    # import every installed runtime first so the baseline is the same for all configurations; a configuration
+    # needs only its own (checked by the driver before it starts)
+    if importlib.util.find_spec("executorch") is not None:
+        import executorch.runtime  # noqa: F401
 
-    from .executorch import set_threads
+        from .executorch import set_threads
 
-    set_threads(threads)  # ExecuTorch's pool (XNNPACK) otherwise takes every core, whatever --threads says
+        set_threads(threads)  # ExecuTorch's pool (XNNPACK) otherwise takes every core, whatever --threads says
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime  # noqa: F401
 
     baseline = _rss_mib()
     manifest = None
@@ -184,9 +196,14 @@ def _ensure_export(args, name: str, fmt: str, scheme: Optional[str], resolution:
 
     out = Path(args.export_dir) / name
     manifest = out / "export.json"
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        if m["config"]["resolution"] == resolution and m["source"] == str(Path(args.checkpoint)):
+    if manifest.is_file() and args.text_encoder is None and args.autoencoder is None:  # (overrides: export anew)
+        try:
+            m = json.loads(manifest.read_text())
+            same = (m["source"] == str(Path(args.checkpoint)) and m["format"] == fmt and m["config"]["resolution"] == resolution
+                    and m["config"]["quantize"] == scheme and m["config"]["num_steps"] == args.steps)
+        except (ValueError, KeyError, TypeError):
+            same = False  # a damaged manifest: export again
+        if same:
             print(f"[{name}] reusing {out}")
             return out
     print(f"[{name}] exporting to {out} ...")
@@ -232,21 +249,67 @@ def _table(results: dict, args, resolution: int) -> str:
     return "\n".join(lines)
 
 
+def _check(args) -> list:
+    """Every argument, before any export or timing: the configurations and their packages, the paths, the
+    checkpoint. Returns the configuration names, in order, once each."""
+    from . import export_file_names
+    from .checks import check_component_options, check_input_path, require_export_modules
+
+    names = list(dict.fromkeys(c.strip() for c in args.configs.split(",") if c.strip()))
+    if not names:
+        raise CLIError(f"--configs {args.configs!r}: no configuration; choose from {', '.join(sorted(CONFIGS))}")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise CLIError(f"--configs: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(sorted(CONFIGS))}")
+    for name in names:
+        _, fmt, scheme = CONFIGS[name]
+        require_export_modules(fmt, scheme, f"bench runtime configuration {name}")
+    check_component_options(args.text_encoder, args.autoencoder)
+    check_input_path(args.checkpoint)
+    export_root = Path(args.export_dir)
+    if export_root.exists() and not export_root.is_dir():
+        raise CLIError(f"--export-dir {export_root}: is a file, not a directory")
+    for name in names:
+        fmt = CONFIGS[name][1]
+        folder = export_root / name
+        if fmt is None:
+            continue
+        # a configuration's folder holds its export (reused, or rewritten) and nothing else
+        if folder.is_dir():
+            others = sorted(p.name for p in folder.iterdir() if p.name not in export_file_names(fmt))
+            if others:
+                shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+                raise CLIError(f"--export-dir {export_root}: {folder} holds files that are not a {fmt} export ({shown}); "
+                               "bench reuses or rewrites only its own exports there, so choose another --export-dir")
+        check_output_dir(folder, "--export-dir", overwrite=True)
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.write:
+        report = Path(__file__).resolve().parents[3] / "bench" / "report.py"
+        if not report.is_file():
+            raise CLIError("--write needs a source checkout of PocketDiT (bench/report.py writes BENCHMARKS.md); "
+                           "use --json to keep the results instead")
+        check_output_file(report.parents[1] / "BENCHMARKS.md", "--write")
+    return names
+
+
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
     if args.worker:
         spec = json.loads(args.worker)
         print("RESULT " + json.dumps(_worker(spec)))
         return 0
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = sorted(set(names) - set(CONFIGS))
-    if unknown:
-        print(f"error: unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}", file=sys.stderr)
-        return 2
-    from . import load_parts
+    names = _check(args)
+    from . import check_resolution
+    from .checks import load_input
 
-    parts = load_parts(args.checkpoint, args.text_encoder, args.autoencoder)
+    parts = load_input(args.checkpoint, args.text_encoder, args.autoencoder)
     resolution = args.resolution or getattr(parts, "default_size", None) or 32
+    try:
+        check_resolution(parts, resolution)
+    except ValueError as e:
+        option = "--resolution" if args.resolution else "the checkpoint's default resolution (pass --resolution)"
+        raise CLIError(f"{option}: {e}") from None
     threads = args.threads or os.cpu_count() or 1
     del parts
     results = {}
@@ -266,7 +329,8 @@ def main(argv: Sequence[str]) -> int:
                               capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
-            print(f"error: worker for {name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            print(f"pocketdit: error: bench runtime: the worker for {name} failed (exit {proc.returncode}); its "
+                  f"stderr ends with:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
         results[name] = json.loads(line[-1][len("RESULT "):])
         results[name]["image_psnr"] = psnr_img if fmt is not None else ("ref" if name == "eager-fp32" else "-")
@@ -293,4 +357,9 @@ def _report(results: dict, args, resolution: int, final: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except CLIError as e:
+        from ..utils import cli_error
+
+        sys.exit(cli_error(str(e)))

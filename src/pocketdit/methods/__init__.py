@@ -11,52 +11,24 @@ The trainer builds it with `build_method(name, model=..., text_conditioner=..., 
 may replace `method.model` with a DDP/FSDP-wrapped module, and sets `method.generator` (a torch.Generator
 whose state is checkpointed) before the first step. Methods draw all their randomness (noise, timesteps,
 caption dropout) from that generator so that a resumed run repeats the uninterrupted one exactly.
+
+A method may define `save_samples(model, path)`: the trainer then calls it with the EMA model every
+`train.sample_every` steps instead of sampling text-to-image grids (autoencoder training writes reconstructions).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Type
+from typing import Type
 
-import torch
-import torch.nn as nn
+# the contract and the registry live in base.py, so method modules import them without importing this package
+from .base import METHODS, TrainingMethod, register_method
 
 __all__ = ["TrainingMethod", "METHODS", "register_method", "get_method", "build_method", "method_options"]
 
 
-class TrainingMethod:
-    """Base class. Subclasses set `self.model` (the module whose parameters are trained) and implement `step`."""
-
-    model: nn.Module
-    generator: torch.Generator
-
-    def step(self, batch: dict) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def to(self, device):
-        """Move the frozen helpers (text encoders, autoencoder, teachers) to `device`; the trainer moves the model."""
-        return self
-
-
-METHODS: Dict[str, Type[TrainingMethod]] = {}
-
-
-def register_method(name: str) -> Callable[[type], type]:
-    def wrap(cls):
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"training method {name!r} is already registered to {METHODS[name].__name__}")
-        METHODS[name] = cls
-        cls.method_name = name
-        return cls
-
-    return wrap
-
-
 def _load_builtin():
-    from . import pretrain  # noqa: F401  (registers "pretrain")
+    from . import autoencoder, pretrain  # noqa: F401  (register "autoencoder", "pretrain")
 
     for optional in ("elastic", "kd", "kdmd"):  # later methods register themselves when their module exists
         try:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import flow
 from ..text import caption_dropout, caption_dropout_probs, encode_prompts
-from . import TrainingMethod, register_method
+from .base import TrainingMethod, register_method
 
 
 @register_method("pretrain")

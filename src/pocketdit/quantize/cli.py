@@ -13,58 +13,105 @@ from typing import Sequence
 
 import torch
 
-from ..utils import cli_error, format_mib
+from ..argtypes import (
+    ArgumentParser, CLIError, check_output_dir, finite_float, non_negative_int, positive_int, require_modules, seed,
+)
+from ..utils import atomic_directory, cli_error, format_mib
 from .api import config_for_scheme, psnr, quantize_
 from .calibration import random_calibration, trajectory_calibration
 from .distill import self_distill_
 from .storage import QUANT_CONFIG_NAME, load_denoiser, save_quantized
 
+NBITS = (1, 2, 3, 4, 6, 8)  # LUT sizes PalettizeConfig takes
+# options that configure one scheme only, with their defaults (None in the parser, so that giving one to
+# another scheme is an error rather than silently ignored)
+PALETTIZE_DEFAULTS = dict(nbits=4, high_nbits=8, target_avg_bits=4.3, calibration="trajectories", calibration_prompts=48,
+                          sensitivity="model_output", sensitivity_batches=8, assignment="gptq", finetune_steps=0)
+PALETTIZE_ONLY = ("nbits", "high_nbits", "target_avg_bits", "lut_group_channels", "calibration", "calibration_prompts",
+                  "sensitivity", "sensitivity_batches", "assignment", "finetune_steps")
+DA4W_DEFAULTS = dict(group_size=32)
+# what each scheme imports beyond the core install (pyproject's `export` extra)
+SCHEME_MODULES = {"palettize4": ["coremltools"], "int8": ["torchao"], "8da4w": ["torchao"]}
+
+
+def _nbits(text: str) -> int:
+    value = positive_int(text)
+    if value not in NBITS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, NBITS))} bits, got {value}")
+    return value
+
+
+def _group_size(text: str) -> int:
+    value = positive_int(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two, got {value}")
+    return value
+
 
 def quantize_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pocketdit quantize",
         description="Quantize a PocketDiT (pipeline, training run/checkpoint, or bare transformer directory).",
     )
+    d = PALETTIZE_DEFAULTS
     p.add_argument("checkpoint", help="pipeline directory, training run, checkpoint-* directory or PocketDiT directory")
     p.add_argument("--scheme", required=True, choices=["palettize4", "int8", "8da4w"])
-    p.add_argument("-o", "--output", required=True, help="output directory (a pipeline directory when the input has one)")
-    p.add_argument("--nbits", type=int, default=4, help="palettize4: bits of most layers")
-    p.add_argument("--high-nbits", type=int, default=8, help="palettize4: bits of the sensitive layers")
-    p.add_argument("--target-avg-bits", type=float, default=4.3, help="palettize4: average bits to stay within")
-    p.add_argument("--group-size", type=int, default=32, help="8da4w: weights per quantization group")
-    p.add_argument("--lut-group-channels", type=int, default=None,
+    p.add_argument("-o", "--output", required=True,
+                   help="output directory (a pipeline directory when the input has one); must be new or empty "
+                        "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty output directory (a previous quantize output included)")
+    p.add_argument("--nbits", type=_nbits, default=None, help=f"palettize4: bits of most layers, one of {NBITS} (default: {d['nbits']})")
+    p.add_argument("--high-nbits", type=_nbits, default=None,
+                   help=f"palettize4: bits of the sensitive layers, >= --nbits (default: {d['high_nbits']})")
+    p.add_argument("--target-avg-bits", type=finite_float(1.0, 8.0), default=None,
+                   help=f"palettize4: average bits to stay within, between --nbits and --high-nbits (default: {d['target_avg_bits']})")
+    p.add_argument("--group-size", type=_group_size, default=None,
+                   help=f"8da4w: weights per quantization group, a power of two (default: {DA4W_DEFAULTS['group_size']})")
+    p.add_argument("--lut-group-channels", type=positive_int, default=None,
                    help="palettize4: one LUT per this many output channels (default: one LUT per tensor)")
-    p.add_argument("--calibration", choices=["trajectories", "random"], default="trajectories",
+    p.add_argument("--calibration", choices=["trajectories", "random"], default=None,
                    help="palettize4 inputs for sensitivity and fine-tuning: the fp32 model's own sampling trajectories "
-                        "on ShapesEval prompts (needs a text encoder), or synthetic random inputs")
-    p.add_argument("--calibration-prompts", type=int, default=48,
-                   help="prompts used for trajectory calibration (disjoint from the --eval prompts)")
-    p.add_argument("--sensitivity", choices=["model_output", "relative_mse", "mse"], default="model_output",
+                        "on ShapesEval prompts (needs a text encoder; the default), or synthetic random inputs")
+    p.add_argument("--calibration-prompts", type=positive_int, default=None, metavar="N",
+                   help="palettize4: number of ShapesEval prompts whose trajectories calibrate (disjoint from the "
+                        f"--eval prompts; default: {d['calibration_prompts']})")
+    p.add_argument("--sensitivity", choices=["model_output", "relative_mse", "mse"], default=None,
                    help="palettize4: how layers are ranked for high_nbits: the model output's error with that layer "
                         "alone palettized (default), or the paper's error of the layer's own output")
-    p.add_argument("--sensitivity-batches", type=int, default=8,
+    p.add_argument("--sensitivity-batches", type=positive_int, default=None,
                    help="palettize4: calibration batches (evenly spaced) used to rank layers for 8 bits (GPTQ's "
-                        "input statistics use every batch)")
-    p.add_argument("--assignment", choices=["gptq", "nearest"], default="gptq",
+                        f"input statistics use every batch; default: {d['sensitivity_batches']})")
+    p.add_argument("--assignment", choices=["gptq", "nearest"], default=None,
                    help="palettize4: how weights map to LUT entries: column by column so each layer's output on the "
                         "calibration inputs changes least (GPTQ-style, default), or each weight to its nearest entry")
-    p.add_argument("--finetune-steps", type=int, default=0, help="palettize4: self-distillation steps after palettization")
+    p.add_argument("--finetune-steps", type=non_negative_int, default=None,
+                   help="palettize4: self-distillation steps after palettization (default: 0, none)")
     p.add_argument("--finetune-luts", action="store_true",
                    help="palettize4: also train the LUT entries (indices fixed) during self-distillation")
     p.add_argument("--finetune-indices", action="store_true",
                    help="palettize4: quantization-aware self-distillation: latent float weights re-assigned to their "
                         "nearest LUT entry every step (straight-through gradient); implies --finetune-luts")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=finite_float(0.0, 1.0, low_open=True), default=None,
                    help="self-distillation peak learning rate, cosine decay (default: 3e-5 with --finetune-indices, "
                         "where latent weights move between entries, else 1e-4; measured on the shapes checkpoint)")
     p.add_argument("--eval", action="store_true", help="measure image PSNR vs fp32 (and ShapesEval with --shapes-eval)")
-    p.add_argument("--shapes-eval", action="store_true", help="also score fp32 and quantized with ShapesEval (slow)")
-    p.add_argument("--shapes-eval-images", type=int, default=4,
-                   help="ShapesEval images per prompt (same seeds for fp32 and quantized)")
-    p.add_argument("--eval-steps", type=int, default=None, help="sampling steps for evaluation (default: the pipeline's)")
-    p.add_argument("--eval-images", type=int, default=16, help="images for the PSNR comparison")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shapes-eval", action="store_true", help="with --eval: also score fp32 and quantized with ShapesEval (slow)")
+    p.add_argument("--shapes-eval-images", type=positive_int, default=None,
+                   help="with --shapes-eval: ShapesEval images per prompt (same seeds for fp32 and quantized; default: 4)")
+    p.add_argument("--eval-steps", type=positive_int, default=None,
+                   help="sampling steps for calibration trajectories and evaluation (default: the pipeline's)")
+    p.add_argument("--eval-images", type=positive_int, default=None, help="with --eval: images for the PSNR comparison (default: 16)")
+    p.add_argument("--seed", type=seed, default=0)
     return p
+
+
+def _is_bare_transformer(p: Path) -> bool:
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("_class_name") == "PocketDiT"
 
 
 def _load_pipeline(path: str):
@@ -72,9 +119,17 @@ def _load_pipeline(path: str):
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist; pass a pipeline, training run or PocketDiT directory")
-    if (p / "config.json").is_file() and json.loads((p / "config.json").read_text()).get("_class_name") == "PocketDiT":
+    if _is_bare_transformer(p):
         return None, load_denoiser(p)
+    from ..checkpoint import resolve_checkpoint
     from ..pipeline import PocketDiTPipeline
+    from .storage import _read_json
+
+    # the JSON files the pipeline loader reads, checked first so that a damaged one is named
+    index = [f for f in (p / "model_index.json", p / "pipeline.json") if f.is_file()]
+    for f in index or [resolve_checkpoint(p) / "trainer_state.json"]:
+        if f.is_file():
+            _read_json(f)
 
     pipe = PocketDiTPipeline.from_pretrained(p)
     pipe.transformer.eval()
@@ -115,29 +170,125 @@ def _shapes_eval(pipe, transformer, steps, seed, images_per_prompt: int = 1) -> 
     return evaluate_generator(generate, size, images_per_prompt=images_per_prompt, seed=seed)
 
 
-def quantize_command(argv: Sequence[str]) -> int:
-    args = quantize_parser().parse_args(list(argv))
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _prompt_capacity(calibration: bool) -> int:
+    """How many distinct prompts `_eval_prompts` can give (every other prompt of the pinned set)."""
+    from ..evaluate.shapes_eval import load_prompts
+
+    return len(load_prompts("v1")[int(calibration) :: 2])
+
+
+def _check_args(args) -> tuple:
+    """Every argument before any work: options (their scheme, ranges, combinations), packages, the input and
+    output paths. Fills in the scheme defaults; returns (input path, output path, is the input a bare transformer)."""
+    given = [n for n in PALETTIZE_ONLY + ("lr",) if getattr(args, n) is not None]
+    given += [n for n in ("finetune_luts", "finetune_indices") if getattr(args, n)]
+    if args.scheme != "palettize4" and given:
+        names = ", ".join(_option(n) for n in given)
+        raise CLIError(f"{names} appl{'ies' if len(given) == 1 else 'y'} to --scheme palettize4 only")
+    if args.scheme != "8da4w" and args.group_size is not None:
+        raise CLIError("--group-size applies to --scheme 8da4w only (palettize4: --lut-group-channels)")
+    defaults = {**PALETTIZE_DEFAULTS, **DA4W_DEFAULTS, "eval_images": 16, "shapes_eval_images": 4}
+    explicit = {n for n in defaults if getattr(args, n) is not None}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if not args.finetune_steps and (args.finetune_luts or args.finetune_indices or args.lr is not None):
-        return cli_error("--finetune-luts, --finetune-indices and --lr configure self-distillation; pass --finetune-steps N too")
+        raise CLIError("--finetune-luts, --finetune-indices and --lr configure self-distillation; pass --finetune-steps N too")
+    if args.shapes_eval and not args.eval:
+        raise CLIError("--shapes-eval scores the --eval images; pass --eval too")
+    if "shapes_eval_images" in explicit and not args.shapes_eval:
+        raise CLIError("--shapes-eval-images applies with --shapes-eval only")
+    if "eval_images" in explicit and not args.eval:
+        raise CLIError("--eval-images applies with --eval only")
+    overrides = {}
+    if args.scheme == "palettize4":
+        if args.high_nbits < args.nbits:
+            raise CLIError(f"--high-nbits {args.high_nbits} must be >= --nbits {args.nbits}")
+        if not args.nbits <= args.target_avg_bits <= args.high_nbits:
+            default = "" if "target_avg_bits" in explicit else " (the default)"
+            raise CLIError(f"--target-avg-bits {args.target_avg_bits:g}{default} must lie between --nbits {args.nbits} "
+                           f"and --high-nbits {args.high_nbits}")
+        overrides = dict(nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits,
+                         sensitivity=args.sensitivity, assignment=args.assignment)
+        if args.lut_group_channels:
+            overrides.update(granularity="per_grouped_channel", group_size=args.lut_group_channels)
+    elif args.scheme == "8da4w":
+        overrides = dict(group_size=args.group_size)
     try:
-        pipe, model = _load_pipeline(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
+        args.config = config_for_scheme(args.scheme, **overrides)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+    source = Path(args.checkpoint)
+    if not source.exists():
+        raise CLIError(f"checkpoint {source} does not exist; pass a pipeline, training run or PocketDiT directory")
+    if not source.is_dir():
+        raise CLIError(f"checkpoint {source} is a file; pass a pipeline, training run or PocketDiT directory")
+    bare = _is_bare_transformer(source)
+    if args.eval and bare:
+        raise CLIError(f"--eval needs a pipeline (text encoder + autoencoder); {source} is a bare transformer")
+    require_modules(SCHEME_MODULES[args.scheme], f"quantize --scheme {args.scheme}", extra="export")
+    trajectories = args.scheme == "palettize4" and args.calibration == "trajectories" and not bare
+    if trajectories or args.eval:  # ShapesEval's prompts (and scorer) live in pocketdit.evaluate, which needs scipy
+        require_modules(["scipy"], "quantize --eval" if args.eval else "quantize calibration on ShapesEval prompts "
+                        "(--calibration trajectories)", extra="eval")
+    if trajectories and args.calibration_prompts > _prompt_capacity(calibration=True):
+        raise CLIError(f"--calibration-prompts {args.calibration_prompts}: at most {_prompt_capacity(True)} prompts are "
+                       "set aside for calibration")
+    if args.eval and args.eval_images > _prompt_capacity(calibration=False):
+        raise CLIError(f"--eval-images {args.eval_images}: at most {_prompt_capacity(False)} evaluation prompts (one image each)")
+    out = Path(args.output)
+    try:
+        same = out.resolve() == source.resolve()
+    except OSError:
+        same = False
+    if same:
+        raise CLIError(f"-o {out}: is the input checkpoint; choose another directory")
+    check_output_dir(out, "-o", overwrite=args.overwrite)
+    return source, out, bare
+
+
+def _load_input(path: str):
+    """_load_pipeline, with an input that is not a model (or a damaged one) as one CLIError line."""
+    from ..checkpoint import CheckpointError
+    from ..export.checks import quiet_loading
+
+    try:
+        with quiet_loading():
+            return _load_pipeline(path)
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        message = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
+        if isinstance(e, json.JSONDecodeError):  # raised by a loader that does not say which file
+            message = f"a JSON file in it is not valid JSON ({e})"
+        raise CLIError(f"cannot load {path}: {message}") from None
+    except RuntimeError as e:  # torch: weights that do not fit the config
+        raise CLIError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def quantize_command(argv: Sequence[str]) -> int:
+    try:
+        return _quantize(argv)
+    except CLIError as e:
         return cli_error(str(e))
+
+
+def _quantize(argv: Sequence[str]) -> int:
+    args = quantize_parser().parse_args(list(argv))
+    _, out, _ = _check_args(args)
+    pipe, model = _load_input(args.checkpoint)
     if getattr(model, "_pocketdit_quantization", None) is not None:
         return cli_error(f"{args.checkpoint} is already quantized ({model._pocketdit_quantization['scheme']}); start from the float checkpoint")
     fp32 = model
     quantized = copy.deepcopy(model)
     t0 = time.perf_counter()
-    overrides = {}
+    config = args.config
     calibration = None
     guidance = None  # set when the calibration batches stack [conditional; unconditional]
     if args.scheme == "palettize4":
-        overrides = dict(
-            nbits=args.nbits, high_nbits=args.high_nbits, target_avg_bits=args.target_avg_bits, sensitivity=args.sensitivity,
-            assignment=args.assignment,
-        )
-        if args.lut_group_channels:
-            overrides.update(granularity="per_grouped_channel", group_size=args.lut_group_channels)
         if args.calibration == "trajectories" and pipe is not None:
             steps = args.eval_steps or pipe.default_steps
             calibration = trajectory_calibration(pipe, _eval_prompts(args.calibration_prompts, calibration=True), steps, args.seed)
@@ -150,16 +301,11 @@ def quantize_command(argv: Sequence[str]) -> int:
             if args.calibration == "trajectories":
                 print("calibration: no text encoder/pipeline here, using synthetic random inputs")
             calibration = random_calibration(model, num_batches=8)
-    elif args.scheme == "8da4w":
-        overrides = dict(group_size=args.group_size)
     try:
-        config = config_for_scheme(args.scheme, **overrides)
         report = quantize_(quantized, config, calibration=calibration, sensitivity_batches=args.sensitivity_batches)
     except ValueError as e:
         return cli_error(str(e))
     if args.finetune_steps:
-        if args.scheme != "palettize4":
-            return cli_error("--finetune-steps applies to palettize4 only")
         lr = args.lr if args.lr is not None else (3e-5 if args.finetune_indices else 1e-4)
         losses = self_distill_(
             quantized, fp32, calibration, steps=args.finetune_steps, lr=lr, train_luts=args.finetune_luts,
@@ -167,7 +313,17 @@ def quantize_command(argv: Sequence[str]) -> int:
         )
         print(f"self-distillation: {args.finetune_steps} steps, loss {losses[0]:.4g} -> {sum(losses[-10:]) / len(losses[-10:]):.4g}")
     quantized._pocketdit_quantization.setdefault("report", report.to_dict() if report else {})
-    out = Path(args.output)
+    final = out
+    with atomic_directory(final) as out:  # -o is replaced whole or not at all
+        meta, summary = _write_outputs(args, pipe, fp32, quantized, out, report, config, calibration, guidance,
+                                       t0, lr if args.finetune_steps else None)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {final} ({format_mib(meta['file_size_bytes'])} weights vs {format_mib(summary['fp32_param_bytes'])} fp32)")
+    return 0
+
+
+def _write_outputs(args, pipe, fp32, quantized, out, report, config, calibration, guidance, t0, lr):
+    """The quantized model (a pipeline when the input was one), the --eval images and quantize_report.json."""
     if pipe is not None:
         # A pipeline in, a pipeline out: same scheduler, text encoder and autoencoder, quantized transformer/.
         pipe.transformer = quantized
@@ -192,8 +348,6 @@ def quantize_command(argv: Sequence[str]) -> int:
             assignment=config.assignment,
         )
     if args.eval:
-        if pipe is None:
-            return cli_error("--eval needs a pipeline (text encoder + autoencoder); this checkpoint is a bare transformer")
         steps = args.eval_steps or pipe.default_steps
         prompts = _eval_prompts(args.eval_images)
         with torch.no_grad():
@@ -219,6 +373,4 @@ def quantize_command(argv: Sequence[str]) -> int:
                 summary[f"shapes_eval_{name}_categories"] = {k: round(v, 4) for k, v in result["categories"].items()}
             summary["shapes_eval_images_per_prompt"] = args.shapes_eval_images
     (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out} ({format_mib(meta['file_size_bytes'])} weights vs {format_mib(fp32_bytes)} fp32)")
-    return 0
+    return meta, summary

@@ -115,10 +115,13 @@ def load_quantized(directory: Union[str, os.PathLike]):
     qpath = d / QUANT_CONFIG_NAME
     if not qpath.is_file():
         raise FileNotFoundError(f"{qpath} not found: {d} is not a quantized checkpoint (make one with `pocketdit quantize`)")
-    meta = json.loads(qpath.read_text())
+    meta = _read_json(qpath)
+    if not isinstance(meta, dict) or meta.get("scheme") not in ("palettize4", "int8", "8da4w") or "config" not in meta:
+        raise ValueError(f"{qpath} does not describe a quantized PocketDiT (no known 'scheme' and 'config' entries)")
     wpath = d / meta.get("weights", "")
     if not wpath.is_file():
         raise FileNotFoundError(f"{wpath} not found; the quantized checkpoint in {d} is incomplete")
+    _read_json(d / "config.json")
     model = PocketDiT.from_config(PocketDiT.load_config(d)).eval()
     try:
         tensors = load_file(str(wpath))
@@ -171,12 +174,41 @@ def load_denoiser(path: Union[str, os.PathLike]):
         return load_quantized(p)
     for cand in (p, p / "transformer", p / "denoiser"):
         if (cand / "config.json").is_file():
-            cfg = json.loads((cand / "config.json").read_text())
-            if cfg.get("_class_name") == "PocketDiT":
+            cfg = _read_json(cand / "config.json")
+            if isinstance(cfg, dict) and cfg.get("_class_name") == "PocketDiT":
                 if (cand / QUANT_CONFIG_NAME).is_file():
                     return load_quantized(cand)
-                return PocketDiT.from_pretrained(cand).eval()
+                return _load_float(cand)
     raise FileNotFoundError(
         f"no PocketDiT checkpoint in {p}: expected config.json with _class_name PocketDiT there or in "
         f"{p / 'transformer'}"
     )
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON text file") from None
+
+
+def _load_float(d: Path):
+    """PocketDiT.from_pretrained of a save_pretrained directory, after checking that its weights are there and
+    readable (diffusers would otherwise fall back to unpickling a .bin file and log its attempts)."""
+    import importlib.util
+
+    from safetensors import safe_open
+
+    weights = d / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{d} has a PocketDiT config.json but no {weights.name}; the checkpoint is incomplete")
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"cannot read {weights}: {e} (the file is corrupt or truncated)") from None
+    # diffusers' default low_cpu_mem_usage needs accelerate and warns loudly without it
+    low_cpu = importlib.util.find_spec("accelerate") is not None
+    return PocketDiT.from_pretrained(d, low_cpu_mem_usage=low_cpu).eval()
