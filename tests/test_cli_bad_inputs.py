@@ -4,7 +4,6 @@ export and bench have theirs in test_cli_bad_inputs_forwarded.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,5 @@
 """Rectified-flow maths: noising endpoints, target, timestep sampling, schedules, Euler + CFG."""
 
-import math
 
 import pytest
 import torch

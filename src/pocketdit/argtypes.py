@@ -6,7 +6,10 @@ input the same way: a `CLIError` that `pocketdit.cli.main` prints as one `pocket
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import importlib.util
+import json
 import math
 import os
 import tempfile
@@ -15,7 +18,7 @@ from typing import Iterable, Optional, Union
 
 __all__ = [
     "CLIError", "ArgumentParser", "positive_int", "non_negative_int", "seed", "threads", "finite_float",
-    "positive_float", "check_output_file", "check_output_dir", "check_device", "require_modules", "IMAGE_EXTENSIONS",
+    "positive_float", "check_output_file", "check_output_dir", "check_device", "require_modules", "quiet_loading", "loading_input", "IMAGE_EXTENSIONS",
 ]
 
 
@@ -176,3 +179,41 @@ def require_modules(modules: Iterable[str], feature: str, extra: Optional[str] =
     if missing:
         hint = f"pip install 'pocketdit[{extra}]'" if extra else f"pip install {' '.join(missing)}"
         raise CLIError(f"{feature} needs {', '.join(missing)}, which is not installed ({hint})")
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No 'Loading weights' / 'Loading pipeline components' bars from transformers and diffusers while a
+    command loads its model: they say nothing here, and an error after them should stay one line."""
+    toggles = []
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if module.is_progress_bar_enabled():
+            module.disable_progress_bar()
+            toggles.append(module)
+    try:
+        yield
+    finally:
+        for module in toggles:
+            module.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def loading_input(path):
+    """Loading a model the user named: quiet progress bars, and an input that is not a model (or a damaged
+    one) as one CLIError line naming it, instead of the loader's traceback."""
+    from .checkpoint import CheckpointError
+
+    try:
+        with quiet_loading():
+            yield
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        message = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
+        if isinstance(e, json.JSONDecodeError):  # raised by a loader that does not say which file
+            message = f"a JSON file in it is not valid JSON ({e})"
+        raise CLIError(f"cannot load {path}: {message}") from None
+    except RuntimeError as e:  # torch: weights that do not fit the config
+        raise CLIError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

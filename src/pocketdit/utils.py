@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -62,3 +63,13 @@ def atomic_directory(final: Path):
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path) -> object:
+    """A JSON file, or a ValueError that names it (json's own error does not say which file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON text file") from None

@@ -340,7 +340,7 @@ def test_pipeline_generate_fn_gives_each_image_its_own_noise(one_thread):
 
 
 def test_a_blob_of_no_known_shape_is_clutter_for_the_strict_rule_only():
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     from pocketdit.evaluate.shapes_eval import UNRECOGNISED
 

@@ -23,6 +23,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..utils import read_json
 from .graphs import (
     DecoderGraph, DenoiserGraph, GraphSpec, TextEncoderGraph, decoder_spec, denoiser_spec, fresh_inputs, text_encoder_spec,
 )
@@ -147,7 +148,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
     default_size = None
     text_lengths = None
     if (p / "pipeline.json").is_file():
-        meta = _read_json(p / "pipeline.json")
+        meta = read_json(p / "pipeline.json")
         for key in ("text_encoders", "autoencoder"):
             if key not in meta:
                 raise ValueError(f"{p / 'pipeline.json'} has no {key!r} entry; is it a PocketDiT pipeline?")
@@ -160,7 +161,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         default_size = meta.get("default_size")
         text_lengths = meta.get("text_max_lengths") if text_encoder == ",".join(meta["text_encoders"]) else None
     elif (p / "model_index.json").is_file():  # PocketDiTPipeline.save_pretrained
-        index = _read_json(p / "model_index.json")
+        index = read_json(p / "model_index.json")
         if not isinstance(index, dict) or "transformer" not in index:
             raise ValueError(f"{p / 'model_index.json'} has no 'transformer' entry; is it a PocketDiT pipeline?")
         transformer = load_denoiser(p / "transformer")
@@ -171,7 +172,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         if autoencoder is None:
             autoencoder = str(p / "autoencoder")
         scheduler_config = p / "scheduler" / "scheduler_config.json"
-        shift = float(_read_json(scheduler_config).get("shift", 1.0)) if scheduler_config.is_file() else 1.0
+        shift = float(read_json(scheduler_config).get("shift", 1.0)) if scheduler_config.is_file() else 1.0
         default_size = index.get("default_size")
     elif _is_pocketdit_dir(p) or _is_pocketdit_dir(p / "transformer"):
         transformer = load_denoiser(p)
@@ -184,7 +185,7 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         if not state_file.is_file():
             raise CheckpointError(f"{ckpt} has no trainer_state.json, so its text encoder and autoencoder are unknown")
         try:
-            cfg = _read_json(state_file)["config"]
+            cfg = read_json(state_file)["config"]
             recorded_text, recorded_ae = ",".join(cfg["text"]["encoders"]), cfg["autoencoder"]
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{state_file} has no config.text.encoders / config.autoencoder entry ({e})") from None
@@ -205,15 +206,6 @@ def load_parts(path: Union[str, os.PathLike], text_encoder: Optional[str] = None
         ae = load_autoencoder(autoencoder)
     _check_components(transformer, text, ae, p)
     return DeploymentParts(transformer.eval(), text, ae, shift, str(p), default_size)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a JSON text file") from None
 
 
 def _check_components(transformer, text, ae, source: Path) -> None:

@@ -4,13 +4,10 @@ so that a checkpoint that is not one (or is damaged) is one `CLIError` line, not
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
 from pathlib import Path
 from typing import Optional
 
-from ..argtypes import CLIError, require_modules
+from ..argtypes import CLIError, loading_input, require_modules
 
 MINILM_NAMES = ("minilm", "minilm-l6-v2", "all-minilm-l6-v2")
 
@@ -46,41 +43,12 @@ def check_input_path(path: str) -> Path:
     return p
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """No 'Loading weights' / 'Loading pipeline components' bars from transformers and diffusers while a
-    command loads its model: they say nothing here, and an error after them should stay one line."""
-    toggles = []
-    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if module.is_progress_bar_enabled():
-            module.disable_progress_bar()
-            toggles.append(module)
-    try:
-        yield
-    finally:
-        for module in toggles:
-            module.enable_progress_bar()
-
-
 def load_input(path: str, text_encoder: Optional[str], autoencoder: Optional[str]):
     """load_parts, with a checkpoint that is not one (or is damaged) as one CLIError line instead of a traceback."""
-    from ..checkpoint import CheckpointError
     from . import load_parts
 
-    try:
-        with quiet_loading():
-            return load_parts(path, text_encoder, autoencoder)
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        message = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
-        if isinstance(e, json.JSONDecodeError):  # raised by a loader that does not say which file
-            message = f"a JSON file in it is not valid JSON ({e})"
-        raise CLIError(f"cannot load {path}: {message}") from None
-    except RuntimeError as e:  # torch: weights that do not fit the config
-        raise CLIError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    with loading_input(path):
+        return load_parts(path, text_encoder, autoencoder)
 
 
 def require_export_modules(fmt: Optional[str], scheme: Optional[str], feature: str) -> None:

@@ -81,8 +81,7 @@ def _rss_mib() -> float:
 def _worker(spec: dict) -> dict:
     import torch
 
-    from . import DenoiserGraph, load_parts, load_runner
-    from .graphs import DecoderGraph, TextEncoderGraph
+    from . import load_parts, load_runner
     from .parity import generate
 
     threads = spec["threads"]
@@ -232,7 +231,6 @@ def _table(results: dict, args, resolution: int) -> str:
             f"| {CONFIGS[name][0]} | {fmt('text_encoder')} | {lat['denoiser']:.2f} | {fmt('decoder')} | {lat['total']:.1f} | "
             f"{ratio} | {r['peak_rss_mib']:.0f} ({r['rss_growth_mib']:.0f}) | {size:.2f} | {r.get('image_psnr', '-')} |"
         )
-    import platform
 
     lines = [
         "## Runtime: end-to-end generation on this CPU",

@@ -12,7 +12,7 @@ sampler uses for the unconditional branch of classifier-free guidance.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 from ..argtypes import (
-    ArgumentParser, CLIError, check_output_dir, finite_float, non_negative_int, positive_int, require_modules, seed,
+    ArgumentParser, CLIError, check_output_dir, finite_float, loading_input, non_negative_int, positive_int,
+    require_modules, seed,
 )
 from ..utils import atomic_directory, cli_error, format_mib
 from .api import config_for_scheme, psnr, quantize_
@@ -123,13 +124,13 @@ def _load_pipeline(path: str):
         return None, load_denoiser(p)
     from ..checkpoint import resolve_checkpoint
     from ..pipeline import PocketDiTPipeline
-    from .storage import _read_json
+    from ..utils import read_json
 
     # the JSON files the pipeline loader reads, checked first so that a damaged one is named
     index = [f for f in (p / "model_index.json", p / "pipeline.json") if f.is_file()]
     for f in index or [resolve_checkpoint(p) / "trainer_state.json"]:
         if f.is_file():
-            _read_json(f)
+            read_json(f)
 
     pipe = PocketDiTPipeline.from_pretrained(p)
     pipe.transformer.eval()
@@ -254,19 +255,8 @@ def _check_args(args) -> tuple:
 
 def _load_input(path: str):
     """_load_pipeline, with an input that is not a model (or a damaged one) as one CLIError line."""
-    from ..checkpoint import CheckpointError
-    from ..export.checks import quiet_loading
-
-    try:
-        with quiet_loading():
-            return _load_pipeline(path)
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        message = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
-        if isinstance(e, json.JSONDecodeError):  # raised by a loader that does not say which file
-            message = f"a JSON file in it is not valid JSON ({e})"
-        raise CLIError(f"cannot load {path}: {message}") from None
-    except RuntimeError as e:  # torch: weights that do not fit the config
-        raise CLIError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    with loading_input(path):
+        return _load_pipeline(path)
 
 
 def quantize_command(argv: Sequence[str]) -> int:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..model import PocketDiT
+from ..utils import read_json
 from .palettize import PalettizedWeight, palettized_layers
 
 QUANT_CONFIG_NAME = "quantization_config.json"
@@ -115,13 +116,13 @@ def load_quantized(directory: Union[str, os.PathLike]):
     qpath = d / QUANT_CONFIG_NAME
     if not qpath.is_file():
         raise FileNotFoundError(f"{qpath} not found: {d} is not a quantized checkpoint (make one with `pocketdit quantize`)")
-    meta = _read_json(qpath)
+    meta = read_json(qpath)
     if not isinstance(meta, dict) or meta.get("scheme") not in ("palettize4", "int8", "8da4w") or "config" not in meta:
         raise ValueError(f"{qpath} does not describe a quantized PocketDiT (no known 'scheme' and 'config' entries)")
     wpath = d / meta.get("weights", "")
     if not wpath.is_file():
         raise FileNotFoundError(f"{wpath} not found; the quantized checkpoint in {d} is incomplete")
-    _read_json(d / "config.json")
+    read_json(d / "config.json")
     model = PocketDiT.from_config(PocketDiT.load_config(d)).eval()
     try:
         tensors = load_file(str(wpath))
@@ -174,7 +175,7 @@ def load_denoiser(path: Union[str, os.PathLike]):
         return load_quantized(p)
     for cand in (p, p / "transformer", p / "denoiser"):
         if (cand / "config.json").is_file():
-            cfg = _read_json(cand / "config.json")
+            cfg = read_json(cand / "config.json")
             if isinstance(cfg, dict) and cfg.get("_class_name") == "PocketDiT":
                 if (cand / QUANT_CONFIG_NAME).is_file():
                     return load_quantized(cand)
@@ -183,15 +184,6 @@ def load_denoiser(path: Union[str, os.PathLike]):
         f"no PocketDiT checkpoint in {p}: expected config.json with _class_name PocketDiT there or in "
         f"{p / 'transformer'}"
     )
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a JSON text file") from None
 
 
 def _load_float(d: Path):
