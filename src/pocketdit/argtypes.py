@@ -7,23 +7,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 __all__ = [
-    "CLIError", "ArgumentParser", "positive_int", "non_negative_int", "seed", "threads", "finite_float",
+    "CLIError", "exit_code_command", "ArgumentParser", "positive_int", "non_negative_int", "seed", "threads", "finite_float",
     "positive_float", "check_output_file", "check_output_dir", "check_device", "require_modules", "quiet_loading", "loading_input", "IMAGE_EXTENSIONS",
 ]
 
 
 class CLIError(Exception):
     """An expected failure of a command (bad argument, unusable path, missing extra): one line, exit 2."""
+
+
+def exit_code_command(fn):
+    """A command `fn(argv) -> exit code` that can also be called on its own (forwarded commands, tests):
+    its CLIError becomes the one `pocketdit: error:` line and exit code 2, as under `pocketdit.cli.main`."""
+
+    @functools.wraps(fn)
+    def command(argv) -> int:
+        try:
+            return fn(argv)
+        except CLIError as e:
+            print(f"pocketdit: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+
+    return command
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from ..argtypes import ArgumentParser, CLIError, check_output_dir, finite_float, positive_int, seed
+from ..argtypes import ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, positive_int, seed
 from ..utils import atomic_directory, cli_error, format_mib
 from .checks import check_component_options, check_input_path, load_input, require_export_modules
 
@@ -56,14 +56,8 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_code_command
 def export_command(argv: Sequence[str]) -> int:
-    try:
-        return _export(argv)
-    except CLIError as e:
-        return cli_error(str(e))
-
-
-def _export(argv: Sequence[str]) -> int:
     args = export_parser().parse_args(list(argv))
     # everything that needs no model first: options, paths, packages
     check_component_options(args.text_encoder, args.autoencoder)
@@ -122,6 +116,7 @@ def _export(argv: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------------------------------
 # bench
 # ----------------------------------------------------------------------------------------------------
+@exit_code_command
 def bench_command(argv: Sequence[str]) -> int:
     argv = list(argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -134,7 +129,4 @@ def bench_command(argv: Sequence[str]) -> int:
         return cli_error(f"unknown bench {argv[0]!r}; available: runtime")
     from .runtime_bench import main
 
-    try:
-        return main(argv[1:])
-    except CLIError as e:
-        return cli_error(str(e))
+    return main(argv[1:])

@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..argtypes import CLIError, ArgumentParser, check_output_dir, check_output_file, non_negative_int, positive_int, threads
+from ..argtypes import (
+    ArgumentParser, CLIError, check_output_dir, check_output_file, exit_code_command, non_negative_int, positive_int,
+    threads,
+)
 
 CONFIGS = {
     # name: (runtime, format or None for eager, quantization scheme or None)
@@ -355,9 +358,4 @@ def _report(results: dict, args, resolution: int, final: bool) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except CLIError as e:
-        from ..utils import cli_error
-
-        sys.exit(cli_error(str(e)))
+    sys.exit(exit_code_command(main)(sys.argv[1:]))

@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from ..argtypes import (
-    ArgumentParser, CLIError, check_output_dir, finite_float, loading_input, non_negative_int, positive_int,
-    require_modules, seed,
+    ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, loading_input, non_negative_int,
+    positive_int, require_modules, seed,
 )
 from ..utils import atomic_directory, cli_error, format_mib
 from .api import config_for_scheme, psnr, quantize_
@@ -259,14 +259,8 @@ def _load_input(path: str):
         return _load_pipeline(path)
 
 
+@exit_code_command
 def quantize_command(argv: Sequence[str]) -> int:
-    try:
-        return _quantize(argv)
-    except CLIError as e:
-        return cli_error(str(e))
-
-
-def _quantize(argv: Sequence[str]) -> int:
     args = quantize_parser().parse_args(list(argv))
     _, out, _ = _check_args(args)
     pipe, model = _load_input(args.checkpoint)
