@@ -13,14 +13,15 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from .utils import cli_error
+
 __all__ = [
     "CLIError", "exit_code_command", "ArgumentParser", "positive_int", "non_negative_int", "seed", "threads", "finite_float",
-    "positive_float", "check_output_file", "check_output_dir", "check_device", "require_modules", "quiet_loading", "loading_input", "IMAGE_EXTENSIONS",
+    "positive_float", "guidance_scale", "time_shift", "learning_rate", "check_output_file", "check_output_dir", "check_device", "require_modules", "quiet_loading", "loading_input", "IMAGE_EXTENSIONS",
 ]
 
 
@@ -37,8 +38,7 @@ def exit_code_command(fn):
         try:
             return fn(argv)
         except CLIError as e:
-            print(f"pocketdit: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
+            return cli_error(str(e))
 
     return command
 
@@ -115,6 +115,9 @@ def finite_float(low: Optional[float] = None, high: Optional[float] = None, low_
 
 
 positive_float = finite_float(0.0, low_open=True)
+guidance_scale = finite_float(0.0, 100.0)  # classifier-free guidance: 1 = off; beyond 100 only saturates
+time_shift = finite_float(0.0, 1000.0, low_open=True)  # the flow timestep shift
+learning_rate = finite_float(0.0, 1.0, low_open=True)
 
 # extensions PIL writes without extra plugins
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")

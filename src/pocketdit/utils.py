@@ -31,10 +31,11 @@ def dir_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:8]
 
 
-def cli_error(message: str) -> int:
-    """Print a command's error to stderr and return its exit code (2, as argparse does for usage errors)."""
-    print(f"pocketdit: error: {' '.join(str(message).split())}", file=sys.stderr)  # as pocketdit.cli: one line
-    return 2
+def cli_error(message: str, code: int = 2) -> int:
+    """Print a command's error to stderr as one `pocketdit: error:` line and return its exit code (2, as
+    argparse does for usage errors)."""
+    print(f"pocketdit: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
 
 
 def format_mib(n: int) -> str:

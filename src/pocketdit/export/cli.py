@@ -11,7 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from ..argtypes import ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, positive_int, seed
+from ..argtypes import (
+    ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, positive_int, seed, time_shift,
+)
 from ..utils import atomic_directory, cli_error, format_mib
 from .checks import check_component_options, check_input_path, load_input, require_export_modules
 
@@ -48,7 +50,7 @@ def export_parser() -> argparse.ArgumentParser:
                    help="'minilm', a local encoder directory or 'none' (default: the checkpoint's)")
     p.add_argument("--autoencoder", default=None, help="'pixel', a local directory or 'none' (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, default=4, help="steps of the end-to-end parity check")
-    p.add_argument("--shift", type=finite_float(0.0, 1000.0, low_open=True), default=None,
+    p.add_argument("--shift", type=time_shift, default=None,
                    help="timestep shift (default: the pipeline's)")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--min-psnr", type=finite_float(), default=35.0, help="parity threshold in dB (default: 35)")

@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from ..argtypes import (
-    ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, loading_input, non_negative_int,
-    positive_int, require_modules, seed,
+    ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, learning_rate, loading_input,
+    non_negative_int, positive_int, require_modules, seed,
 )
 from ..utils import atomic_directory, cli_error, format_mib
 from .api import config_for_scheme, psnr, quantize_
@@ -93,7 +93,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-indices", action="store_true",
                    help="palettize4: quantization-aware self-distillation: latent float weights re-assigned to their "
                         "nearest LUT entry every step (straight-through gradient); implies --finetune-luts")
-    p.add_argument("--lr", type=finite_float(0.0, 1.0, low_open=True), default=None,
+    p.add_argument("--lr", type=learning_rate, default=None,
                    help="self-distillation peak learning rate, cosine decay (default: 3e-5 with --finetune-indices, "
                         "where latent weights move between entries, else 1e-4; measured on the shapes checkpoint)")
     p.add_argument("--eval", action="store_true", help="measure image PSNR vs fp32 (and ShapesEval with --shapes-eval)")
