@@ -257,7 +257,7 @@ class Trainer:
         """Train to `train.steps` optimizer steps; returns {step: loss} for the steps run in this call."""
         tcfg = self.tcfg
         config = json.loads(json.dumps(config_to_dict(self.config)))
-        changes = {}
+        changes, source = {}, None
         if not tcfg.resume:
             if not tcfg.overwrite:  # read-only: every rank sees the same directory and raises alike
                 prepare_fresh_run_dir(self.output_dir)
@@ -265,7 +265,8 @@ class Trainer:
             if tcfg.overwrite and self.dist.is_main:
                 prepare_fresh_run_dir(self.output_dir, overwrite=True)
         else:
-            source = self._resume_source()
+            auto = tcfg.resume == "auto"
+            source = self._find_checkpoint(self.output_dir if auto else tcfg.resume, missing_ok=auto)
             if source is not None and (source.parent / "config.json").is_file():
                 run_config = source.parent / "config.json"
                 try:
@@ -283,8 +284,8 @@ class Trainer:
                     f.write(json.dumps({"changes": {k: list(v) for k, v in changes.items()}}) + "\n")
             (self.output_dir / "config.json").write_text(json.dumps(config, indent=2))
         barrier(self.dist)
-        if tcfg.resume:
-            self.resume(self.output_dir if tcfg.resume == "auto" else tcfg.resume, missing_ok=tcfg.resume == "auto")
+        if source is not None:
+            self.resume(source)
         if self.step >= tcfg.steps:
             return {}
 
@@ -401,10 +402,11 @@ class Trainer:
         self.last_checkpoint = final
         return final
 
-    def _resume_source(self) -> Optional[Path]:
-        """The checkpoint that train.resume names (None for "auto" in a run without one)."""
-        p = self.output_dir if self.tcfg.resume == "auto" else Path(self.tcfg.resume)
-        if self.tcfg.resume == "auto" and not (p / "latest").is_file() and not (p / "trainer_state.json").is_file():
+    @staticmethod
+    def _find_checkpoint(path, missing_ok: bool = False) -> Optional[Path]:
+        """A checkpoint (or a run dir's latest), its files checked; None if missing_ok and there is none."""
+        p = Path(path)
+        if missing_ok and not (p / "latest").is_file() and not (p / "trainer_state.json").is_file():
             return None
         ckpt = resolve_checkpoint(p)
         check_checkpoint_files(ckpt)
@@ -412,11 +414,9 @@ class Trainer:
 
     def resume(self, path, missing_ok: bool = False) -> bool:
         """Restore everything from a checkpoint (or a run dir's latest). Returns False if missing_ok and none."""
-        p = Path(path)
-        if missing_ok and not (p / "latest").is_file() and not (p / "trainer_state.json").is_file():
+        ckpt = self._find_checkpoint(path, missing_ok)
+        if ckpt is None:
             return False
-        ckpt = resolve_checkpoint(p)
-        check_checkpoint_files(ckpt)
         state, rng_meta = read_training_state(ckpt)
         saved_cfg = json.loads((ckpt / "transformer" / "config.json").read_text())
         mine = json.loads(json.dumps(self.model_config, default=list))
