@@ -189,3 +189,12 @@ def test_every_long_skip_joins_two_different_activations(depth_mid):
             moved = model(x, t, ctx).sample
             proj.weight.copy_(w)
             assert (moved - ref).abs().max() > 1e-4
+
+
+def test_nearest_valid_sizes_are_found_for_a_size_off_the_grid():
+    model = PocketDiT.from_preset("nano")
+    m = model.latent_multiple
+    for side in (3 * m + 1, 12 * m + 4, 25 * m - 1):  # not multiples of m, small to large
+        near = model.valid_latent_sizes_near(side, side)
+        assert len(near) == 4 and all(model.is_valid_latent_size(h, w) for h, w in near)
+        assert all(abs(h - side) <= 2 * m and abs(w - side) <= 2 * m for h, w in near), (side, near)

@@ -302,12 +302,11 @@ class PocketDiT(ModelMixin, ConfigMixin):
 
     def valid_latent_sizes_near(self, height: int, width: int, count: int = 4) -> list[tuple[int, int]]:
         m = self.latent_multiple
-        cands = {
-            (h, w)
-            for h in range(max(m, height - 8 * m), height + 8 * m + 1, m)
-            for w in range(max(m, width - 8 * m), width + 8 * m + 1, m)
-            if self.is_valid_latent_size(h, w)
-        }
+
+        def around(n):  # multiples of m within 8 steps of n (a size off the grid still has neighbours)
+            return range(max(m, (n // m - 8) * m), (n // m + 9) * m + 1, m)
+
+        cands = {(h, w) for h in around(height) for w in around(width) if self.is_valid_latent_size(h, w)}
         return sorted(cands, key=lambda s: (abs(s[0] - height) + abs(s[1] - width), s))[:count]
 
     def check_latent_size(self, height: int, width: int) -> None:

@@ -228,9 +228,9 @@ def check_resolution(parts: DeploymentParts, resolution: int, model=None) -> int
 
     model = model if model is not None else parts.transformer
     factor = getattr(parts.autoencoder, "downsample_factor", 1) if parts.autoencoder is not None else 1
-    m, target = model.latent_multiple, max(1, resolution // factor)  # square images: square latents
-    sides = [n for n in range(max(m, target - 8 * m), target + 8 * m + 1, m) if model.is_valid_latent_size(n, n)]
-    near = ", ".join(str(n * factor) for n in sorted(sorted(sides, key=lambda n: (abs(n - target), n))[:4]))
+    target = max(1, resolution // factor)  # square images: square latents, the model's nearest valid ones
+    squares = [h for h, w in model.valid_latent_sizes_near(target, target, count=10**6) if h == w][:4]
+    near = ", ".join(str(n * factor) for n in sorted(squares))
     if resolution < 1 or resolution % factor:
         raise InvalidResolutionError(f"resolution {resolution} is not a multiple of the autoencoder's downsample factor "
                                      f"{factor}; nearest valid image sizes: {near}")
