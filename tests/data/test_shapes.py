@@ -147,3 +147,19 @@ def test_sample_scene_is_reproducible_from_generator_state():
     a = sample_scene(np.random.default_rng([5, 9]), "color_attr")
     b = sample_scene(np.random.default_rng([5, 9]), "color_attr")
     assert a == b
+
+
+def test_category_weights_set_the_mix_and_validate():
+    weights = {"position": 3, "color_attr": 1}
+    ds = ShapesDataset(resolution=32, length=4000, seed=0, categories=weights)
+    drawn = [ds.scene(i)["category"] for i in range(4000)]
+    assert set(drawn) == {"position", "color_attr"}
+    share = drawn.count("position") / len(drawn)
+    assert abs(share - 0.75) < 0.03  # binomial sd ~0.007
+    # weight 0 drops a category; the uniform list keeps its old scenes
+    ds0 = ShapesDataset(resolution=32, length=50, seed=0, categories={"counting": 1, "colors": 0})
+    assert all(ds0.scene(i)["category"] == "counting" for i in range(50))
+    assert ShapesDataset(length=5, seed=3).scene(4) == ShapesDataset(length=5, seed=3, categories=None).scene(4)
+    for bad in ({"colour": 1}, {"position": -1}, {"position": 0}, {"position": float("nan")}, {"position": "2"}):
+        with pytest.raises(ValueError, match="categories"):
+            ShapesDataset(categories=bad)

@@ -33,7 +33,7 @@ ground-truth image for any prompt is ``render_scene(layout_scene(rng, spec), res
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +109,19 @@ def _choice(rng: np.random.Generator, options: Sequence[Any]) -> Any:
 
 def _distinct(rng: np.random.Generator, options: Sequence[Any], k: int) -> list[Any]:
     return [options[int(i)] for i in rng.choice(len(options), size=k, replace=False)]
+
+
+def _category_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    out = {}
+    for category, weight in weights.items():
+        if category not in CATEGORIES:
+            raise ValueError(f"categories: {category!r} is not one of {CATEGORIES}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"categories: the weight of {category!r} must be a finite number >= 0, got {weight!r}")
+        out[category] = float(weight)
+    if not any(w > 0 for w in out.values()):
+        raise ValueError(f"categories: at least one weight must be > 0, got {dict(weights)}")
+    return out
 
 
 def sample_spec(rng: np.random.Generator, category: str) -> dict:
@@ -285,7 +298,9 @@ class ShapesDataset(Dataset):
         resolution: image side in pixels (>= 16; 32 and 64 are what the evaluator is tested at).
         length: number of items.
         seed: dataset seed; two datasets with different seeds share no scenes by construction.
-        categories: subset of ``CATEGORIES`` to draw from (uniformly); None = all six.
+        categories: which of ``CATEGORIES`` to draw from: a list (uniformly), a mapping category -> relative
+            weight (e.g. ``{"position": 3, "color_attr": 3, "single_object": 0.5}``; an unnamed category gets
+            weight 0, so it is never drawn) or None = all six uniformly.
         phrasing: "train" (default: captions in many phrasings, see ``pocketdit.data.phrasing``), "heldout"
             (the phrasings ShapesEval v2 judges on; not for training) or "canonical" (the one GenEval-style
             template of ``caption_for``). The caption of item ``i`` depends only on ``(seed, i)`` as well.
@@ -296,7 +311,7 @@ class ShapesDataset(Dataset):
         resolution: int = 64,
         length: int = 10000,
         seed: int = 0,
-        categories: Sequence[str] | None = None,
+        categories: Sequence[str] | Mapping[str, float] | None = None,
         phrasing: str = "train",
     ) -> None:
         if phrasing not in PHRASINGS:
@@ -311,12 +326,23 @@ class ShapesDataset(Dataset):
             categories = CATEGORIES
         if isinstance(categories, str):
             categories = [categories]
+        weights = None
+        if isinstance(categories, Mapping):
+            weights = _category_weights(categories)
+            categories = tuple(c for c in CATEGORIES if weights.get(c, 0) > 0)
         categories = tuple(categories)
         if not categories:
             raise ValueError(f"categories must name at least one of {CATEGORIES}")
         for category in categories:
             if category not in CATEGORIES:
                 raise ValueError(f"categories: {category!r} is not one of {CATEGORIES}")
+        # Uniform draws keep the integer draw (the scenes of every existing seed stay as they were); weighted
+        # draws invert the cumulative distribution with one uniform number.
+        self.category_weights = None if weights is None else {c: weights[c] for c in categories}
+        self._cumulative = None
+        if weights is not None:
+            w = np.array([weights[c] for c in categories], dtype=np.float64)
+            self._cumulative = np.cumsum(w / w.sum())
         self.resolution = resolution
         self.length = length
         self.seed = seed
@@ -332,7 +358,12 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
         index %= self.length
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, _choice(rng, self.categories))
+        if self._cumulative is None:
+            category = _choice(rng, self.categories)
+        else:
+            i = int(np.searchsorted(self._cumulative, rng.random(), side="right"))
+            category = self.categories[min(i, len(self.categories) - 1)]
+        scene = sample_scene(rng, category)
         scene.update(seed=self.seed, index=index)
         return scene
 
@@ -349,5 +380,5 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(resolution={self.resolution}, length={self.length}, seed={self.seed}, "
-            f"categories={list(self.categories)}, phrasing={self.phrasing!r})"
+            f"categories={self.category_weights or list(self.categories)}, phrasing={self.phrasing!r})"
         )
