@@ -20,6 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from . import elastic
 from .attention import ATTENTION_TYPES, CrossAttention, SelfAttention, rope_2d
 
 
@@ -82,6 +83,8 @@ class PocketDiTBlock(nn.Module):
     (PixArt-alpha's adaLN-single). Cross-attention is pre-normalised but not modulated.
     """
 
+    active_width_key: Optional[str] = None  # set by an elastic supernet running a narrower width (elastic.py)
+
     def __init__(
         self,
         dim: int,
@@ -107,9 +110,14 @@ class PocketDiTBlock(nn.Module):
         self.ff = FeedForward(dim, int(round(dim * mlp_ratio)))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
+    def modulation_table(self) -> torch.Tensor:
+        """The (6, d) table; a supernet's narrower width has its own (elastic.py: private per width)."""
+        key = self.active_width_key
+        return self.scale_shift_table if key is None else self.scale_shift_tables[key]
+
     def forward(self, x, t_mod, context, context_mask, rope, height: int, width: int):
         b, _, d = x.shape
-        mod = self.scale_shift_table[None] + t_mod.view(b, 6, d)
+        mod = self.modulation_table()[None] + t_mod.view(b, 6, d)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, height, width)
         x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
@@ -150,6 +158,9 @@ class TokenSplit(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-single output head: modulated LayerNorm, then Linear to patch_size^2 * out_channels."""
 
+    active_width_key: Optional[str] = None
+    modulation_table = PocketDiTBlock.modulation_table  # (2, d), private per width in a supernet
+
     def __init__(self, dim: int, patch_size: int, out_channels: int, eps: float = 1e-6):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
@@ -157,7 +168,7 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
 
     def forward(self, x, t_emb):
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unbind(1)
+        shift, scale = (self.modulation_table()[None] + t_emb[:, None]).unbind(1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -183,6 +194,10 @@ class PocketDiT(ModelMixin, ConfigMixin):
 
     `attention_types` picks the Down/Up token mixer: one of "assa", "dense", "global", "local" for all
     Down/Up layers, or a list with one entry per Down layer then per Up layer. The Middle stage is dense.
+
+    `elastic_widths` (e.g. (0.375, 0.5, 1.0)) makes the model a width-elastic supernet: `set_width(w)` /
+    `at_width(w)` run it at a listed width by slicing its weights, `extract_width(w)` cuts out that width as a
+    standalone PocketDiT. See elastic.py.
     """
 
     _supports_gradient_checkpointing = True
@@ -212,6 +227,7 @@ class PocketDiT(ModelMixin, ConfigMixin):
         qk_norm: bool = True,
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
+        elastic_widths: Optional[Sequence[float]] = None,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
@@ -245,6 +261,9 @@ class PocketDiT(ModelMixin, ConfigMixin):
         self.up_blocks = nn.ModuleList(block(t, mlp_ratio_up) for t in types[depth_down:])
         self.final_layer = FinalLayer(d, patch_size, out_channels, norm_eps)
         self._init_weights()
+        self._elastic_widths = None
+        if elastic_widths:
+            elastic.make_elastic(self, elastic_widths)
 
     @staticmethod
     def _down_up_attention_types(attention_types, depth_down, depth_up):
@@ -281,6 +300,32 @@ class PocketDiT(ModelMixin, ConfigMixin):
     def blocks(self):
         """All DiT blocks in execution order."""
         return [*self.down_blocks, *self.mid_blocks, *self.up_blocks]
+
+    # ------------------------------------------------------------------------------------------------
+    # Widths (elastic supernet)
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def elastic_widths(self) -> Optional[tuple]:
+        """The widths a supernet runs at (ascending, 1.0 last); None for a plain model."""
+        return self._elastic_widths
+
+    @property
+    def width(self) -> float:
+        """The width the model computes at now (1.0 unless a supernet was set narrower)."""
+        return getattr(self, "_width", 1.0)
+
+    def set_width(self, width: float) -> "PocketDiT":
+        """Run this supernet at `width`, one of `elastic_widths`; an unlisted width is an error naming them."""
+        elastic.set_width(self, width)
+        return self
+
+    def at_width(self, width: float):
+        """Context manager: `with model.at_width(0.5): model(...)`, the previous width restored on exit."""
+        return elastic.at_width(self, width)
+
+    def extract_width(self, width: float) -> "PocketDiT":
+        """A standalone PocketDiT (own config, exactly its own parameters) equal to this supernet at `width`."""
+        return elastic.extract_width(self, width)
 
     # ------------------------------------------------------------------------------------------------
     # Sizes

@@ -74,13 +74,14 @@ class KVCompression(nn.Module):
         # memory. Every intermediate stays rank <= 5 (Core ML's limit).
         hh, ww = height // 2, width // 2
         windows = x.reshape(b * h, hh, 2, ww, 2 * d)
-        weight = self.conv.weight.view(h, d, 2, 2).permute(0, 2, 3, 1)  # (heads, row i, column j, D)
+        # The first h heads' channels: all of them, or a narrower width of an elastic supernet (elastic.py).
+        weight = self.conv.weight[: h * d].view(h, d, 2, 2).permute(0, 2, 3, 1)  # (heads, row i, column j, D)
         top = windows[:, :, 0].reshape(b, h, hh, ww, 2 * d)
         bottom = windows[:, :, 1].reshape(b, h, hh, ww, 2 * d)
         rows = top * weight[:, 0].reshape(1, h, 1, 1, 2 * d) + bottom * weight[:, 1].reshape(1, h, 1, 1, 2 * d)
         rows = rows.reshape(b * h, hh, ww, 2, d)
         out = (rows[..., 0, :] + rows[..., 1, :]).reshape(b, h, n // 4, d)
-        return out + self.conv.bias.view(1, h, 1, d)
+        return out + self.conv.bias[: h * d].view(1, h, 1, d)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,14 +134,15 @@ class SelfAttention(nn.Module):
             nn.init.zeros_(self.gate.bias)
         self.to_out = nn.Linear(num_heads * head_dim, dim)
 
-    def _heads(self, x, heads):
+    def _heads(self, x):
+        # heads from the width (not self.num_heads): a supernet's narrower width has fewer (elastic.py)
         b, n, _ = x.shape
-        return x.view(b, n, heads, self.head_dim).transpose(1, 2)
+        return x.view(b, n, -1, self.head_dim).transpose(1, 2)
 
     def project_qkv(self, x, rope):
-        q = self.norm_q(self._heads(self.to_q(x), self.num_heads))
-        k = self.norm_k(self._heads(self.to_k(x), self.num_kv_heads))
-        v = self._heads(self.to_v(x), self.num_kv_heads)
+        q = self.norm_q(self._heads(self.to_q(x)))
+        k = self.norm_k(self._heads(self.to_k(x)))
+        v = self._heads(self.to_v(x))
         cos, sin = rope
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
