@@ -60,10 +60,19 @@ def make_config(out, steps, *extra):
     ])
 
 
-def make_method(cls=FlowMatchingPretrain, **kwargs):
+def make_method(cls=FlowMatchingPretrain, model_overrides=None, **kwargs):
     torch.manual_seed(0)
-    model = PocketDiT.from_preset("nano", in_channels=3)
+    model = PocketDiT.from_preset("nano", in_channels=3, **(model_overrides or {}))
     return cls(model, FakeText(), PixelSpace(), **kwargs)
+
+
+def make_elastic_method(**kwargs):
+    """nano with 4 KV heads (widths in quarters), a supernet over 0.5 / 0.75 / 1.0."""
+    from pocketdit.methods.elastic import ElasticPretrain
+
+    overrides = dict(num_kv_heads=4, elastic_widths=[0.5, 0.75, 1.0])
+    kwargs.setdefault("seed", 1)  # draws 0.5, 0.75, 0.75, 0.5 in steps 0-3: both sub-widths within 4 steps
+    return make_method(ElasticPretrain, model_overrides=overrides, **kwargs)
 
 
 def run(out, steps, *extra, method=None, dataset=None):
@@ -252,12 +261,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_training(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,method", [("ddp", "pretrain"), ("fsdp", "pretrain"), ("ddp", "elastic"),
+                                             ("fsdp", "elastic")])
+def test_two_process_training(tmp_path, strategy, method):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), __file__, strategy, str(tmp_path),
+        "--master_port", str(_free_port()), __file__, strategy, str(tmp_path), method,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -272,15 +282,26 @@ def test_two_process_training(tmp_path, strategy):
     assert result["param_sums"][1] == pytest.approx(total, rel=1e-9)
     # resuming under the same strategy continues from step 4
     assert result["resumed_steps"] == [5, 6]
+    if method == "elastic":
+        # both ranks drew the same sub-width at every step and trained the supernet's private 0.5 tables
+        assert result["widths"][0] == result["widths"][1] and len(result["widths"][0]) == 4
+        assert len({w for ws in result["widths"][0] for w in ws}) == 2  # both sub-widths were drawn
+        assert result["sub_table_moved"]
 
 
-def _distributed_worker(strategy: str, out: str):
+def _distributed_worker(strategy: str, out: str, method: str = "pretrain"):
     import torch.distributed as dist
 
     out = Path(out)
+    make = make_elastic_method if method == "elastic" else make_method
     cfg = make_config(out / "run", 4, "--train.distributed", strategy, "--data.batch_size", "2",
                       "--train.checkpoint_every", "2")
-    trainer = Trainer(make_method(), make_dataset(), cfg)
+    trainer = Trainer(make(), make_dataset(), cfg)
+    before = make().model.down_blocks[0].scale_shift_tables["0_5"].detach().clone() if method == "elastic" else None
+    widths = []
+    if method == "elastic":
+        original = trainer.method.widths_for_step
+        trainer.method.widths_for_step = lambda step: widths.append(original(step)) or widths[-1]
     losses = trainer.train()
     from pocketdit.distributed import full_tensor
 
@@ -290,18 +311,25 @@ def _distributed_worker(strategy: str, out: str):
     dist.all_gather_object(sums, mine)
     cfg2 = make_config(out / "run", 6, "--train.distributed", strategy, "--data.batch_size", "2",
                        "--train.checkpoint_every", "2", "--train.resume", "auto")
-    resumed = Trainer(make_method(), make_dataset(), cfg2).train()
+    moved = None
+    if method == "elastic":
+        table = full_tensor(trainer.model.down_blocks[0].scale_shift_tables["0_5"].detach())
+        moved = not torch.equal(table, before)
+    all_widths = [None, None]
+    dist.all_gather_object(all_widths, widths)
+    resumed = Trainer(make(), make_dataset(), cfg2).train()
     if dist.get_rank() == 0:
         (out / "result.json").write_text(json.dumps({
             "world_size": dist.get_world_size(), "strategy": trainer.dist.strategy, "steps": list(losses),
             "losses": list(losses.values()), "param_sums": sums, "resumed_steps": list(resumed),
+            "widths": all_widths, "sub_table_moved": moved,
         }))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    _distributed_worker(sys.argv[1], sys.argv[2])
+    _distributed_worker(*sys.argv[1:])
 
 
 def test_a_fresh_run_refuses_an_existing_run_and_overwrite_starts_clean(tmp_path):

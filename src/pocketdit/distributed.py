@@ -83,7 +83,9 @@ def wrap_model(model: nn.Module, dist_info: DistInfo) -> nn.Module:
     if dist_info.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A supernet's step leaves the other widths' private parameters unused (pocketdit.elastic).
+        unused = bool(getattr(model, "elastic_widths", None))
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     if dist_info.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -306,6 +306,7 @@ class Trainer:
                 lr = self.lr_at(self.step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                self.method.global_step = self.step
                 with self._autocast():
                     out = self.method.step(batch)
                 if "loss" not in out:
@@ -314,7 +315,8 @@ class Trainer:
                 global_loss = all_reduce_mean(loss.detach().float(), self.dist)
                 if not bool(torch.isfinite(global_loss)):
                     self._fail_nonfinite(global_loss, epoch, index, indices, batch)
-                loss.backward()
+                if not self.method.backward_in_step:
+                    loss.backward()
                 grad_norm = None
                 if self.ocfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.ocfg.grad_clip)
@@ -395,6 +397,8 @@ class Trainer:
                 "model_class": self.model_cls.__name__, "last_loss": self.losses.get(self.step),
                 "config": config_to_dict(self.config), "time": time.time(),
             }
+            if hasattr(self.method, "state_dict"):
+                state["method_state"] = self.method.state_dict()
             write_checkpoint(final, self.model_config, self.model_cls.__name__, model_state, ema_state, optim_state,
                              rng, state)
             prune_checkpoints(self.output_dir, self.tcfg.keep_checkpoints, keep=final)
@@ -438,6 +442,8 @@ class Trainer:
         restore_rng_state(ckpt, self.dist.rank, rng_meta, self.generator)
         self.step = int(state["step"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if hasattr(self.method, "load_state_dict") and "method_state" in state:
+            self.method.load_state_dict(state["method_state"])
         self.last_checkpoint = ckpt
         if self.dist.is_main:
             print(f"resumed from {ckpt} at step {self.step}", flush=True)

@@ -11,10 +11,19 @@ __all__ = ["TrainingMethod", "METHODS", "register_method"]
 
 
 class TrainingMethod:
-    """Base class. Subclasses set `self.model` (the module whose parameters are trained) and implement `step`."""
+    """Base class. Subclasses set `self.model` (the module whose parameters are trained) and implement `step`.
+
+    The trainer sets `global_step` (optimizer steps done so far, the same on every rank) before each `step`.
+    By default the trainer back-propagates the returned "loss"; a method with `backward_in_step = True` runs
+    its own backward passes inside `step` (one per sub-network, say) and returns the loss for logging only.
+    A method with state that must survive a resume (running means, say) defines `state_dict()` returning
+    JSON-serialisable data and `load_state_dict(state)`; the trainer stores it in trainer_state.json.
+    """
 
     model: nn.Module
     generator: torch.Generator
+    global_step: int = 0
+    backward_in_step: bool = False
 
     def step(self, batch: dict) -> Dict[str, torch.Tensor]:
         raise NotImplementedError

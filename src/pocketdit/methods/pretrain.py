@@ -109,7 +109,9 @@ class FlowMatchingPretrain(TrainingMethod):
         masks = [torch.stack([r[1][i] for r in rows]) for i in range(n)]
         return states, masks
 
-    def step(self, batch: dict) -> dict:
+    def noisy_batch(self, batch: dict):
+        """(x_t, t, velocity target, text states, text masks) for a batch: latents, caption dropout, timesteps
+        and noise, all drawn from self.generator in this order."""
         x0 = self.latents(batch)
         b = x0.shape[0]
         states, masks = self.text(batch["caption"])
@@ -121,6 +123,10 @@ class FlowMatchingPretrain(TrainingMethod):
         target = flow.velocity_target(x0, noise)
         if len(states) == 1:
             states, masks = states[0], masks[0]
+        return x_t, t, target, states, masks
+
+    def step(self, batch: dict) -> dict:
+        x_t, t, target, states, masks = self.noisy_batch(batch)
         pred = self.model(x_t, t, states, masks).sample
         loss = F.mse_loss(pred.float(), target.float())
         return {"loss": loss}

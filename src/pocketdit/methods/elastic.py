@@ -1,0 +1,185 @@
+"""Elastic supernet training (SnapGen++ section 4.4): every step trains the full width and a sampled sub-width.
+
+    x_t, t, target  as in pretraining (one batch, one noise, one t for every width)
+    full:      L_1   = || v_1(x_t, t) - target ||^2
+    sub w:     L_w   = || v_w(x_t, t) - target ||^2 + distill_weight * || v_w(x_t, t) - sg(v_1(x_t, t)) ||^2
+    step loss: L_1 + mean over the sampled w of  L_w * m_1 / m_w
+
+m_w is a running mean (momentum `balance_momentum`) of width w's flow-matching loss, detached and averaged
+over data-parallel ranks. The paper says only that it uses "adaptive scaling to ensure balanced updates";
+this rule makes every sub-width pull with the full width's loss magnitude, so a narrow width whose loss is
+larger does not dominate the shared weights, and the full width's term is exactly its plain loss (the same
+learning-rate and clipping scale as pretraining). `balance: none` sums the raw terms instead.
+
+Each width gets its own backward pass (the full width's first, under DDP `no_sync` / FSDP2
+`set_requires_gradient_sync(False)`, so gradients are reduced once), as slimmable networks train: only one
+width's activations are alive at a time. The sub-width is drawn from (seed, global step), so every rank
+draws the same one without communicating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import register_method
+from .pretrain import FlowMatchingPretrain
+
+SAMPLING = ("uniform", "sandwich")
+BALANCE = ("running_mean", "none")
+
+
+def _key(width: float) -> str:
+    return f"w{width:g}"
+
+
+@register_method("elastic")
+class ElasticPretrain(FlowMatchingPretrain):
+    """Flow matching for a width-elastic PocketDiT (a model built with `elastic_widths`).
+
+    Args (beyond pretraining's):
+        distill_weight: weight of the sub-width's regression onto the stop-gradient full-width velocity.
+        sampling: "uniform" (one sub-width per step, drawn with `width_probs`, uniform by default) or
+            "sandwich" (every sub-width every step).
+        width_probs: one probability per sub-width (ascending widths), for "uniform".
+        balance: "running_mean" (see the module docstring) or "none".
+        balance_momentum: momentum of the running means.
+        seed: seeds the width draw together with the global step.
+        logit_mean, logit_std, shift, caption_dropout, text_cache_size: as for pretraining.
+    """
+
+    backward_in_step = True
+
+    def __init__(
+        self,
+        model,
+        text_conditioner,
+        autoencoder,
+        distill_weight: float = 0.25,
+        sampling: str = "uniform",
+        width_probs: Optional[Sequence[float]] = None,
+        balance: str = "running_mean",
+        balance_momentum: float = 0.99,
+        seed: int = 0,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 3.0,
+        caption_dropout=None,
+        text_cache_size: int = 0,
+    ):
+        super().__init__(model, text_conditioner, autoencoder, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
+                         caption_dropout=caption_dropout, text_cache_size=text_cache_size)
+        widths = getattr(model, "elastic_widths", None)
+        if not widths or len(widths) < 2:
+            raise ValueError(
+                "method.name: elastic needs a supernet with at least two widths: set model elastic_widths, e.g. "
+                "--model.elastic_widths '[0.5, 1.0]' (the full width 1.0 included)"
+            )
+        self.supernet = model  # the trainer may wrap self.model in DDP; widths are set on the model itself
+        self.sub_widths = tuple(w for w in widths if w < 1.0)
+        if sampling not in SAMPLING:
+            raise ValueError(f"method.sampling={sampling!r} is not one of {SAMPLING}")
+        if balance not in BALANCE:
+            raise ValueError(f"method.balance={balance!r} is not one of {BALANCE}")
+        if not (math.isfinite(distill_weight) and distill_weight >= 0):
+            raise ValueError(f"method.distill_weight must be a finite number >= 0, got {distill_weight}")
+        if not 0 <= balance_momentum < 1:
+            raise ValueError(f"method.balance_momentum must be in [0, 1), got {balance_momentum}")
+        if width_probs is not None:
+            probs = np.asarray(width_probs, dtype=np.float64)
+            if probs.shape != (len(self.sub_widths),) or (probs < 0).any() or not probs.sum() > 0:
+                raise ValueError(
+                    f"method.width_probs needs one probability >= 0 per sub-width {list(self.sub_widths)}, got {width_probs}"
+                )
+            width_probs = (probs / probs.sum()).tolist()
+        self.distill_weight = float(distill_weight)
+        self.sampling, self.width_probs = sampling, width_probs
+        self.balance, self.balance_momentum = balance, float(balance_momentum)
+        self.seed = int(seed)
+        self.running: dict[str, float] = {}  # width key -> running mean of its flow-matching loss
+
+    # ------------------------------------------------------------------------------------------------
+    def widths_for_step(self, step: int) -> list[float]:
+        """The sub-widths trained at `step`: the same on every rank (drawn from (seed, step) only)."""
+        if self.sampling == "sandwich":
+            return list(self.sub_widths)
+        rng = np.random.default_rng([self.seed, step])
+        return [self.sub_widths[int(rng.choice(len(self.sub_widths), p=self.width_probs))]]
+
+    def state_dict(self) -> dict:
+        return {"running": dict(self.running)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.running = {k: float(v) for k, v in state.get("running", {}).items()}
+
+    def _update_running(self, key: str, loss: torch.Tensor) -> float:
+        value = loss.detach().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= torch.distributed.get_world_size()
+        value = float(value)
+        old = self.running.get(key)
+        self.running[key] = value if old is None else self.balance_momentum * old + (1 - self.balance_momentum) * value
+        return self.running[key]
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, enabled: bool):
+        """Accumulate this backward locally (DDP no_sync / FSDP2) unless it is the step's last."""
+        m = self.model
+        if enabled:
+            yield
+        elif hasattr(m, "no_sync"):
+            with m.no_sync():
+                yield
+        elif hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                m.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def step(self, batch: dict) -> dict:
+        x_t, t, target, states, masks = self.noisy_batch(batch)
+        subs = self.widths_for_step(self.global_step)
+        out = {}
+
+        with self._gradient_sync(False):
+            self.supernet.set_width(1.0)
+            pred_full = self.model(x_t, t, states, masks).sample
+            loss_full = F.mse_loss(pred_full.float(), target.float())
+            loss_full.backward()
+        m_full = self._update_running(_key(1.0), loss_full)
+        total = loss_full.detach()
+        out[f"loss_{_key(1.0)}"] = loss_full.detach()
+        teacher = pred_full.detach().float()
+        del pred_full
+
+        for i, w in enumerate(subs):
+            last = i == len(subs) - 1
+            with self._gradient_sync(last):
+                self.supernet.set_width(w)
+                try:
+                    pred = self.model(x_t, t, states, masks).sample.float()
+                finally:
+                    self.supernet.set_width(1.0)
+                flow_loss = F.mse_loss(pred, target.float())
+                distill = F.mse_loss(pred, teacher)
+                m_w = self._update_running(_key(w), flow_loss)
+                scale = m_full / m_w if self.balance == "running_mean" and m_w > 0 else 1.0
+                term = (flow_loss + self.distill_weight * distill) * (scale / len(subs))
+                term.backward()
+            total = total + term.detach()
+            out[f"loss_{_key(w)}"] = flow_loss.detach()
+            out[f"distill_{_key(w)}"] = distill.detach()
+        for k, v in self.running.items():
+            out[f"loss_{k}_avg"] = torch.tensor(v)
+        out["loss"] = total
+        return out
