@@ -155,7 +155,7 @@ CASES = [
     ("export --resolution 0", ["export", "{base}", "--format", "onnx", "--resolution", "0", "-o", "{tmp}/e"], "positive integer", ()),
     ("export --resolution 33", ["export", "{base}", "--format", "onnx", "--resolution", "33", "-o", "{tmp}/e"],
      "nearest valid image sizes", ()),
-    ("export --width 0", E + ["-o", "{tmp}/e", "--width", "0"], "positive integer", ()),
+    ("export --width 0", E + ["-o", "{tmp}/e", "--width", "0"], "number > 0", ()),
     ("export --steps 0", E + ["-o", "{tmp}/e", "--steps", "0"], "positive integer", ()),
     ("export --batch-size -1", E + ["-o", "{tmp}/e", "--batch-size", "-1"], "positive integer", ()),
     ("export --min-psnr nan", E + ["-o", "{tmp}/e", "--min-psnr", "nan"], "finite", ()),

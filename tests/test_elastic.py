@@ -225,3 +225,20 @@ def test_gradients_reach_only_the_active_widths_parameters():
     w = grads["down_blocks.0.ff.fc1.weight"]
     assert w[: int(round(64 * 4.0)), :64].abs().sum() > 0 and w[256:].abs().sum() == 0 and w[:, 64:].abs().sum() == 0
     assert grads["down_blocks.0.cross_attn.to_k.weight"].abs().sum() > 0  # shared by every width
+
+
+def test_cached_slices_follow_parameter_updates():
+    """Without gradients a width keeps its contiguous slices; an in-place update or a load invalidates them."""
+    model = _supernet()
+    args = _inputs()
+    with torch.no_grad(), model.at_width(0.5):
+        first = model(*args).sample
+        assert torch.equal(model(*args).sample, first)
+        model.mid_blocks[0].ff.fc1.weight.mul_(1.5)  # an optimizer step or load_state_dict is in place too
+        changed = model(*args).sample
+        model.load_state_dict(_supernet(seed=1).state_dict())
+        reloaded = model(*args).sample
+    assert not torch.allclose(changed, first)
+    fresh = _supernet(seed=1)
+    with torch.no_grad(), fresh.at_width(0.5):
+        torch.testing.assert_close(reloaded, fresh(*args).sample, rtol=0, atol=0)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from .argtypes import (
     IMAGE_EXTENSIONS, ArgumentParser, CLIError, check_device, check_output_file, guidance_scale, learning_rate,
-    non_negative_int, positive_int, require_modules, seed, threads, time_shift,
+    non_negative_int, positive_float, positive_int, require_modules, seed, threads, time_shift,
 )
 from .utils import cli_error
 
@@ -172,7 +172,12 @@ def _pipeline_for_command(args):
 
         torch.set_num_threads(args.threads)
     try:
-        return _load_pipeline(args.model, args.device, not args.no_ema)
+        pipe = _load_pipeline(args.model, args.device, not args.no_ema)
+        if args.model_width is not None:  # one width of an elastic supernet, cut out as a standalone model
+            from .elastic import select_width
+
+            pipe.transformer = select_width(pipe.transformer, args.model_width)
+        return pipe
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         return cli_error(str(e))
 
@@ -216,6 +221,43 @@ def cmd_generate(args) -> int:
             written.append(p)
     for p in written:
         print(p)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# extract
+# ----------------------------------------------------------------------------------------------------
+def cmd_extract(args) -> int:
+    """One width of an elastic supernet -> a standalone pipeline directory (model_index.json; its transformer/ is
+    a plain PocketDiT of that width, which generate, eval, quantize and export take like any other model)."""
+    from .argtypes import check_output_dir
+    from .utils import atomic_directory
+
+    source = Path(args.model)
+    out = check_output_dir(args.output, "-o", overwrite=args.overwrite)
+    if source.exists() and out.resolve() == source.resolve():
+        return cli_error(f"-o {out}: is the input; choose another directory")
+    args.model_width = None
+    pipe = _pipeline_for_command(args)
+    if isinstance(pipe, int):
+        return pipe
+    supernet = pipe.transformer
+    widths = getattr(supernet, "elastic_widths", None)
+    if not widths:
+        return cli_error(f"{args.model} is not an elastic supernet (its transformer was built without elastic_widths); "
+                         "there is no width to extract")
+    try:
+        standalone = supernet.extract_width(args.width).eval()
+    except ValueError as e:
+        return cli_error(str(e))
+    pipe.transformer = standalone
+    with atomic_directory(out) as staging:
+        pipe.save_pretrained(staging)
+    cfg = standalone.config
+    print(f"width {args.width:g} of {', '.join(f'{w:g}' for w in widths)}: hidden {cfg.hidden_size}, {cfg.num_heads} heads "
+          f"({cfg.num_kv_heads} KV), {standalone.num_parameters() / 1e6:.2f}M parameters "
+          f"(supernet at full width: {supernet.extract_width(1.0).num_parameters() / 1e6:.2f}M)")
+    print(f"wrote {out}")
     return 0
 
 
@@ -392,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", type=positive_int, default=1,
                    help="enlarge the written images K times, nearest-neighbour (for viewing small models)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights of a checkpoint instead of its EMA")
+    p.add_argument("--model-width", type=positive_float, default=None,
+                   help="run this width of an elastic supernet, e.g. 0.5 (--width is the image's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
 
@@ -422,7 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-shapes", action="store_true", help="skip ShapesEval")
     p.add_argument("--fid", action="store_true", help="also compute FID on emoji (pocketdit.evaluate.fid)")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--width", "--model-width", dest="model_width", type=positive_float, default=None,
+                   help="evaluate this width of an elastic supernet, e.g. 0.5 (default: its full width)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
+
+    p = sub.add_parser("extract", help="cut one width of an elastic supernet out as a standalone model",
+                       description="Writes a pipeline directory whose transformer is a plain PocketDiT equal to the "
+                       "supernet at --width, with exactly that width's parameters (docs/elastic.md).")
+    p.add_argument("model", help="supernet: training run directory, checkpoint or pipeline directory")
+    p.add_argument("--width", type=positive_float, required=True, help="one of the supernet's elastic_widths, e.g. 0.5")
+    p.add_argument("-o", "--output", required=True, help="output directory (new or empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights of a checkpoint instead of its EMA")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
 
     p = sub.add_parser("train-ae", help="train the project's TinyAutoencoder")
@@ -561,7 +618,8 @@ def _run(argv: list) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "train-ae": cmd_train_ae}
+    handlers = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "extract": cmd_extract,
+                "train-ae": cmd_train_ae}
     return handlers[args.command](args)
 
 

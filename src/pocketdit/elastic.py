@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention.functional import is_exporting
+
 __all__ = [
     "WidthSizes",
     "SlicedLinear",
@@ -47,6 +49,7 @@ __all__ = [
     "set_width",
     "at_width",
     "extract_width",
+    "select_width",
     "sliced_state_dict",
 ]
 
@@ -177,8 +180,24 @@ class SlicedLinear(nn.Linear):
         return new
 
     def active_params(self):
+        if self.active is None:
+            return self.weight, self.bias
+        # Without gradients (sampling, benchmarks), keep the last width's contiguous slices: a grouped slice is a
+        # copy, and re-cutting every layer at every step would cost a narrow width a few percent. The key holds
+        # the storage and the version counter, so an optimizer step or load_state_dict invalidates it; never
+        # while exporting (the graph must read the parameters, not baked constants).
+        cacheable = not torch.is_grad_enabled() and not is_exporting()
+        if cacheable:
+            key = (self.active, self.weight.data_ptr(), self.weight._version,
+                   None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
+            hit = self.__dict__.get("_slice_cache")
+            if hit is not None and hit[0] == key:
+                return hit[1]
         w = slice_param(self.weight, self.weight_layout, self.active)
         b = None if self.bias is None else slice_param(self.bias, self.bias_layout, self.active)
+        if cacheable:
+            w, b = w.contiguous(), None if b is None else b.contiguous()
+            self.__dict__["_slice_cache"] = (key, (w, b))
         return w, b
 
     def forward(self, x):
@@ -398,6 +417,22 @@ def sliced_state_dict(model, width: float) -> dict[str, torch.Tensor]:
             t = p
         out[name] = t.detach().clone().contiguous()
     return out
+
+
+def select_width(model, width: Optional[float]):
+    """What a command's ``--width`` gives: the model itself for None (a supernet at its full width) or for 1.0 on
+    a plain model; the standalone cut of ``width`` for a supernet; a ValueError otherwise (naming the widths)."""
+    if width is None:
+        return model
+    if not getattr(model, "_elastic_widths", None):
+        if float(width) == 1.0:
+            return model
+        raise ValueError(
+            f"--width {width:g}: this model is not an elastic supernet (it has one width, 1); pass a checkpoint "
+            "trained with method.name: elastic, or a width cut out of one with `pocketdit extract`"
+        )
+    _check_width(model, width)
+    return extract_width(model, width).eval() if float(width) < 1.0 else model
 
 
 def extract_width(model, width: float):

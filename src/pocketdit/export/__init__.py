@@ -79,14 +79,14 @@ class ExportConfig:
     """What to export.
 
     format: "executorch", "coreml" or "onnx". resolution: image side in pixels (the latent side is
-    resolution / the autoencoder's downsample factor). width: elastic sub-network width (None = the
-    checkpoint's own). quantize: apply this scheme ("palettize4", "int8", "8da4w") before exporting, unless
+    resolution / the autoencoder's downsample factor). width: the width of an elastic supernet to export
+    (a fraction, one of its elastic_widths; None = the checkpoint as it is). quantize: apply this scheme ("palettize4", "int8", "8da4w") before exporting, unless
     the checkpoint is already quantized. num_steps/shift: the generation checked end to end.
     """
 
     format: str = "executorch"
     resolution: int = 256
-    width: Optional[int] = None
+    width: Optional[float] = None
     quantize: Optional[str] = None
     batch_size: int = 1
     num_steps: int = 4
@@ -248,17 +248,10 @@ def _is_pocketdit_dir(d: Path) -> bool:
         return False
 
 
-def _select_width(model, width: Optional[int]):
-    if width is None or width == model.config.hidden_size:
-        return model
-    try:
-        from ..elastic import materialize
-    except ImportError as e:
-        raise ValueError(
-            f"--width {width} differs from the checkpoint's hidden_size {model.config.hidden_size}, and elastic "
-            "sub-networks need pocketdit.elastic, which is not available"
-        ) from e
-    return materialize(model, width).eval()
+def _select_width(model, width: Optional[float]):
+    from ..elastic import select_width
+
+    return select_width(model, width)
 
 
 def effective_scheme(model, scheme: Optional[str], fmt: str) -> Optional[str]:

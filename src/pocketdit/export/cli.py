@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..argtypes import (
-    ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, positive_int, seed, time_shift,
+    ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, positive_float, positive_int, seed, time_shift,
 )
 from ..utils import atomic_directory, cli_error, format_mib
 from .checks import check_component_options, check_input_path, load_input, require_export_modules
@@ -40,7 +40,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["executorch", "coreml", "onnx"])
     p.add_argument("--resolution", type=positive_int, required=True,
                    help="image side in pixels (a size the model takes; an invalid one names the nearest valid ones)")
-    p.add_argument("--width", type=positive_int, default=None, help="elastic width (default: the checkpoint's hidden size)")
+    p.add_argument("--width", type=positive_float, default=None,
+                   help="width of an elastic supernet to export, e.g. 0.5 (one of its elastic_widths; default: full)")
     p.add_argument("--quantize", choices=list(SCHEMES), default=None, help="quantize before exporting")
     p.add_argument("-o", "--output", default=None,
                    help="output directory (default: exports/<format>); must be new or empty unless --overwrite")
@@ -95,8 +96,7 @@ def export_command(argv: Sequence[str]) -> int:
         check_resolution(parts, args.resolution)
     except ValueError as e:
         raise CLIError(f"--resolution: {e}") from None
-    hidden = parts.transformer.config.hidden_size
-    if args.width is not None and args.width != hidden:
+    if args.width is not None:
         from . import _select_width
 
         try:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..argtypes import (
-    ArgumentParser, CLIError, check_output_dir, check_output_file, exit_code_command, non_negative_int, positive_int,
-    threads,
+    ArgumentParser, CLIError, check_output_dir, check_output_file, exit_code_command, non_negative_int, positive_float,
+    positive_int, threads,
 )
 
 CONFIGS = {
@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=4)
     p.add_argument("--runs", type=positive_int, default=5, help="timed generations per configuration (median reported)")
     p.add_argument("--warmup", type=non_negative_int, default=1)
+    p.add_argument("--width", type=positive_float, default=None,
+                   help="time this width of an elastic supernet, e.g. 0.5 (default: full)")
     p.add_argument("--threads", type=threads, default=None, help="CPU threads for every runtime (default, or 0: all cores)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help=f"comma list from {sorted(CONFIGS)}; each needs only its own runtime's packages")
@@ -103,10 +105,11 @@ def _worker(spec: dict) -> dict:
     baseline = _rss_mib()
     manifest = None
     if spec["format"] is None:
-        from . import _apply_quantization, build_specs, ExportConfig
+        from . import _apply_quantization, _select_width, build_specs, ExportConfig
 
         parts = load_parts(spec["checkpoint"], spec.get("text_encoder"), spec.get("autoencoder"))
-        model, _ = _apply_quantization(parts.transformer, spec["scheme"], "eager", progress=False)
+        model, _ = _apply_quantization(_select_width(parts.transformer, spec.get("width")), spec["scheme"], "eager",
+                                       progress=False)
         specs = build_specs(parts, ExportConfig(format="onnx", resolution=spec["resolution"]), model)
         graphs = {n: s.module for n, s in specs.items()}
         den_inputs = specs["denoiser"].example_inputs
@@ -202,7 +205,8 @@ def _ensure_export(args, name: str, fmt: str, scheme: Optional[str], resolution:
         try:
             m = json.loads(manifest.read_text())
             same = (m["source"] == str(Path(args.checkpoint)) and m["format"] == fmt and m["config"]["resolution"] == resolution
-                    and m["config"]["quantize"] == scheme and m["config"]["num_steps"] == args.steps)
+                    and m["config"]["quantize"] == scheme and m["config"]["num_steps"] == args.steps
+                    and m["config"].get("width") == args.width)
         except (ValueError, KeyError, TypeError):
             same = False  # a damaged manifest: export again
         if same:
@@ -210,7 +214,7 @@ def _ensure_export(args, name: str, fmt: str, scheme: Optional[str], resolution:
             return out
     print(f"[{name}] exporting to {out} ...")
     parts = load_parts(args.checkpoint, args.text_encoder, args.autoencoder)
-    cfg = ExportConfig(format=fmt, resolution=resolution, quantize=scheme, num_steps=args.steps)
+    cfg = ExportConfig(format=fmt, resolution=resolution, width=args.width, quantize=scheme, num_steps=args.steps)
     result = export_pipeline(parts, out, cfg)
     for g, par in result.parity.items():
         print(f"[{name}]   {g}: PSNR {par.psnr:.1f} dB")
@@ -311,6 +315,13 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as e:
         option = "--resolution" if args.resolution else "the checkpoint's default resolution (pass --resolution)"
         raise CLIError(f"{option}: {e}") from None
+    if args.width is not None:
+        from . import _select_width
+
+        try:
+            _select_width(parts.transformer, args.width)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     threads = args.threads or os.cpu_count() or 1
     del parts
     results = {}
@@ -324,7 +335,7 @@ def main(argv: Sequence[str]) -> int:
             psnr_img = "inf" if par["psnr_db"] is None else f"{par['psnr_db']:.1f}"
         spec = dict(checkpoint=args.checkpoint, format=fmt, scheme=scheme, export_dir=str(export_dir) if export_dir else None,
                     resolution=resolution, steps=args.steps, runs=args.runs, warmup=args.warmup, threads=threads,
-                    text_encoder=args.text_encoder, autoencoder=args.autoencoder)
+                    text_encoder=args.text_encoder, autoencoder=args.autoencoder, width=args.width)
         print(f"[{name}] timing {args.runs} generations ...")
         proc = subprocess.run([sys.executable, "-m", "pocketdit.export.runtime_bench", args.checkpoint, "--worker", json.dumps(spec)],
                               capture_output=True, text=True)

@@ -15,7 +15,7 @@ import torch
 
 from ..argtypes import (
     ArgumentParser, CLIError, check_output_dir, exit_code_command, finite_float, learning_rate, loading_input,
-    non_negative_int, positive_int, require_modules, seed,
+    non_negative_int, positive_float, positive_int, require_modules, seed,
 )
 from ..utils import atomic_directory, cli_error, format_mib
 from .api import config_for_scheme, psnr, quantize_
@@ -57,6 +57,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     d = PALETTIZE_DEFAULTS
     p.add_argument("checkpoint", help="pipeline directory, training run, checkpoint-* directory or PocketDiT directory")
     p.add_argument("--scheme", required=True, choices=["palettize4", "int8", "8da4w"])
+    p.add_argument("--width", type=positive_float, default=None,
+                   help="quantize this width of an elastic supernet, e.g. 0.5 (cut out as a standalone model)")
     p.add_argument("-o", "--output", required=True,
                    help="output directory (a pipeline directory when the input has one); must be new or empty "
                         "unless --overwrite")
@@ -264,6 +266,15 @@ def quantize_command(argv: Sequence[str]) -> int:
     args = quantize_parser().parse_args(list(argv))
     _, out, _ = _check_args(args)
     pipe, model = _load_input(args.checkpoint)
+    if args.width is not None:
+        from ..elastic import select_width
+
+        try:
+            model = select_width(model, args.width)
+        except ValueError as e:
+            return cli_error(str(e))
+        if pipe is not None:
+            pipe.transformer = model
     if getattr(model, "_pocketdit_quantization", None) is not None:
         return cli_error(f"{args.checkpoint} is already quantized ({model._pocketdit_quantization['scheme']}); start from the float checkpoint")
     fp32 = model
