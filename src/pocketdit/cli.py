@@ -237,7 +237,6 @@ def cmd_extract(args) -> int:
     out = check_output_dir(args.output, "-o", overwrite=args.overwrite)
     if source.exists() and out.resolve() == source.resolve():
         return cli_error(f"-o {out}: is the input; choose another directory")
-    args.model_width = None
     pipe = _pipeline_for_command(args)
     if isinstance(pipe, int):
         return pipe
@@ -253,10 +252,12 @@ def cmd_extract(args) -> int:
     pipe.transformer = standalone
     with atomic_directory(out) as staging:
         pipe.save_pretrained(staging)
+    from .elastic import format_widths
+
     cfg = standalone.config
-    print(f"width {args.width:g} of {', '.join(f'{w:g}' for w in widths)}: hidden {cfg.hidden_size}, {cfg.num_heads} heads "
+    print(f"width {args.width:g} of {format_widths(widths)}: hidden {cfg.hidden_size}, {cfg.num_heads} heads "
           f"({cfg.num_kv_heads} KV), {standalone.num_parameters() / 1e6:.2f}M parameters "
-          f"(supernet at full width: {supernet.extract_width(1.0).num_parameters() / 1e6:.2f}M)")
+          f"(the supernet, every width's private tables included: {supernet.num_parameters() / 1e6:.2f}M)")
     print(f"wrote {out}")
     return 0
 
@@ -481,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="the raw weights of a checkpoint instead of its EMA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
+    p.set_defaults(model_width=None)  # the whole supernet is loaded; --width picks what is cut out
 
     p = sub.add_parser("train-ae", help="train the project's TinyAutoencoder")
     p.add_argument("--data", default="shapes", help="dataset name for pocketdit.data.build_dataset")

@@ -49,11 +49,18 @@ __all__ = [
     "set_width",
     "at_width",
     "extract_width",
+    "check_selectable",
     "select_width",
+    "format_widths",
     "sliced_state_dict",
 ]
 
 FIXED = "fixed"
+
+
+def format_widths(widths: Sequence[float]) -> str:
+    """0.375, 0.5, 1 (how errors and messages list widths)."""
+    return ", ".join(f"{float(w):g}" for w in widths)
 
 
 def width_key(width: float) -> str:
@@ -101,7 +108,7 @@ def width_sizes(config, width: float) -> WidthSizes:
             f"width {w:g} of a model with hidden size {d}, {h} heads of {hd} and {kv} KV heads gives hidden "
             f"{hidden:g}, {heads:g} heads and {kv_heads:g} KV heads; all three must be whole numbers (head_dim is "
             f"fixed and whole KV groups of {h // kv} query heads are kept). Widths that work here: "
-            f"{', '.join(f'{x:g}' for x in valid_widths(config))}"
+            f"{format_widths(valid_widths(config))}"
         )
     return WidthSizes(w, int(round(hidden)), int(round(heads)), int(round(kv_heads)), hd)
 
@@ -299,26 +306,23 @@ def _param_layouts(model) -> dict[str, tuple]:
     for path, (wl, bl) in _linear_layouts(model).items():
         out[f"{path}.weight"], out[f"{path}.bias"] = wl, bl
     out["patch_embed.weight"] = out["patch_embed.bias"] = (D,)
-    for i, blk in enumerate(model.blocks()):
+    for path, blk in _named_blocks(model):
         for name in ("compress_k", "compress_v"):
             if hasattr(blk.attn, name):
-                p = f"{_block_path(model, i)}.attn.{name}.conv"
+                p = f"{path}.attn.{name}.conv"
                 out[f"{p}.weight"] = out[f"{p}.bias"] = ((1, "kv"),)
     return out
 
 
-def _block_path(model, index: int) -> str:
-    for stage in ("down_blocks", "mid_blocks", "up_blocks"):
-        n = len(getattr(model, stage))
-        if index < n:
-            return f"{stage}.{index}"
-        index -= n
-    raise IndexError(index)
+def _named_blocks(model):
+    """(path, block) of every DiT block, in execution order (the order of model.blocks())."""
+    return [(f"{stage}.{i}", blk) for stage in ("down_blocks", "mid_blocks", "up_blocks")
+            for i, blk in enumerate(getattr(model, stage))]
 
 
 def _modulated(model):
     """(path, module) of the modules with a private modulation table: every block and the final layer."""
-    return [(_block_path(model, i), blk) for i, blk in enumerate(model.blocks())] + [("final_layer", model.final_layer)]
+    return _named_blocks(model) + [("final_layer", model.final_layer)]
 
 
 def make_elastic(model, widths: Sequence[float]) -> None:
@@ -359,15 +363,20 @@ def _check_width(model, width: float) -> float:
     w = float(width)
     if w not in model._elastic_widths:
         raise ValueError(
-            f"width {width:g} is not one of this supernet's widths {', '.join(f'{x:g}' for x in model._elastic_widths)}"
+            f"width {width:g} is not one of this supernet's widths {format_widths(model._elastic_widths)}"
         )
     return w
+
+
+def _active_sizes(model, w: float) -> Optional[WidthSizes]:
+    """What the sliced layers read for width ``w``: None at full width (nothing is sliced)."""
+    return None if w == 1.0 else width_sizes(model.config, w)
 
 
 def set_width(model, width: float) -> None:
     """Make every layer compute at ``width`` (one of the supernet's ``elastic_widths``)."""
     w = _check_width(model, width)
-    sizes = None if w == 1.0 else width_sizes(model.config, w)
+    sizes = _active_sizes(model, w)
     for m in model.modules():
         if isinstance(m, (SlicedLinear, SlicedConv2d, SlicedLayerNorm)):
             m.active = sizes
@@ -391,24 +400,22 @@ def sliced_state_dict(model, width: float) -> dict[str, torch.Tensor]:
     """The standalone state dict of ``width``: shared parameters sliced, private ones of that width, fixed ones
     as they are. Keys are those of ``PocketDiT(**sub_config(config, width))``."""
     w = _check_width(model, width)
-    sizes = None if w == 1.0 else width_sizes(model.config, w)
+    sizes = _active_sizes(model, w)
     key = width_key(w)
     layouts = _param_layouts(model)
     private = {}
     for path, m in _modulated(model):
         private[f"{path}.scale_shift_table"] = m.scale_shift_table if sizes is None else m.scale_shift_tables[key]
-    for path, m in model.named_modules():
-        if isinstance(m, SlicedLayerNorm) and m.weight is not None:
-            saved, m.active = m.active, sizes
-            weight, bias = m.active_params()
-            m.active = saved
-            private[f"{path}.weight"] = weight
-            if bias is not None:
-                private[f"{path}.bias"] = bias
+    if sizes is not None:
+        for path, m in model.named_modules():
+            if isinstance(m, SlicedLayerNorm) and m.weight is not None:
+                private[f"{path}.weight"] = m.width_weight[key]
+                if m.bias is not None:
+                    private[f"{path}.bias"] = m.width_bias[key]
     out = {}
     for name, p in model.named_parameters():
-        if ".scale_shift_tables." in name or ".width_weight." in name or ".width_bias." in name:
-            continue  # other widths' private copies
+        if any(part in name for part in (".scale_shift_tables.", ".width_weight.", ".width_bias.")):
+            continue  # the narrower widths' private copies (the one of this width is in `private`)
         if name in private:
             t = private[name]
         elif name in layouts:
@@ -419,20 +426,24 @@ def sliced_state_dict(model, width: float) -> dict[str, torch.Tensor]:
     return out
 
 
-def select_width(model, width: Optional[float]):
-    """What a command's ``--width`` gives: the model itself for None (a supernet at its full width) or for 1.0 on
-    a plain model; the standalone cut of ``width`` for a supernet; a ValueError otherwise (naming the widths)."""
-    if width is None:
-        return model
+def check_selectable(model, width: Optional[float]) -> None:
+    """A ValueError (naming the widths) unless ``select_width(model, width)`` can give that width; cuts nothing,
+    so a command checks its ``--width`` before the work."""
+    if width is None or (not getattr(model, "_elastic_widths", None) and float(width) == 1.0):
+        return
     if not getattr(model, "_elastic_widths", None):
-        if float(width) == 1.0:
-            return model
         raise ValueError(
             f"--width {width:g}: this model is not an elastic supernet (it has one width, 1); pass a checkpoint "
             "trained with method.name: elastic, or a width cut out of one with `pocketdit extract`"
         )
     _check_width(model, width)
-    return extract_width(model, width).eval() if float(width) < 1.0 else model
+
+
+def select_width(model, width: Optional[float]):
+    """What a command's ``--width`` gives: the model itself for None (a supernet at its full width) or for 1.0
+    (nothing to cut); the standalone cut of ``width`` for a supernet; a ValueError otherwise (check_selectable)."""
+    check_selectable(model, width)
+    return model if width is None or float(width) == 1.0 else extract_width(model, width).eval()
 
 
 def extract_width(model, width: float):

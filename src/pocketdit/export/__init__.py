@@ -23,6 +23,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..elastic import select_width
 from ..utils import read_json
 from .graphs import (
     DecoderGraph, DenoiserGraph, GraphSpec, TextEncoderGraph, decoder_spec, denoiser_spec, fresh_inputs, text_encoder_spec,
@@ -248,12 +249,6 @@ def _is_pocketdit_dir(d: Path) -> bool:
         return False
 
 
-def _select_width(model, width: Optional[float]):
-    from ..elastic import select_width
-
-    return select_width(model, width)
-
-
 def effective_scheme(model, scheme: Optional[str], fmt: str) -> Optional[str]:
     """The scheme the export will have (the checkpoint's own when already quantized); a ValueError when it
     conflicts with the checkpoint's or has no lowering to `fmt`."""
@@ -366,7 +361,7 @@ def export_pipeline(parts: DeploymentParts, out_dir: Union[str, os.PathLike], co
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    model = _select_width(parts.transformer.eval(), config.width)
+    model = select_width(parts.transformer.eval(), config.width)
     # what can be checked in a moment fails before the (palettization's minutes of) work
     check_resolution(parts, config.resolution, model)
     effective_scheme(model, config.quantize, config.format)

@@ -97,10 +97,10 @@ def export_command(argv: Sequence[str]) -> int:
     except ValueError as e:
         raise CLIError(f"--resolution: {e}") from None
     if args.width is not None:
-        from . import _select_width
+        from ..elastic import check_selectable
 
         try:
-            _select_width(parts.transformer, args.width)
+            check_selectable(parts.transformer, args.width)
         except ValueError as e:
             raise CLIError(str(e)) from None
     try:

@@ -105,10 +105,11 @@ def _worker(spec: dict) -> dict:
     baseline = _rss_mib()
     manifest = None
     if spec["format"] is None:
-        from . import _apply_quantization, _select_width, build_specs, ExportConfig
+        from ..elastic import select_width
+        from . import _apply_quantization, build_specs, ExportConfig
 
         parts = load_parts(spec["checkpoint"], spec.get("text_encoder"), spec.get("autoencoder"))
-        model, _ = _apply_quantization(_select_width(parts.transformer, spec.get("width")), spec["scheme"], "eager",
+        model, _ = _apply_quantization(select_width(parts.transformer, spec.get("width")), spec["scheme"], "eager",
                                        progress=False)
         specs = build_specs(parts, ExportConfig(format="onnx", resolution=spec["resolution"]), model)
         graphs = {n: s.module for n, s in specs.items()}
@@ -316,10 +317,10 @@ def main(argv: Sequence[str]) -> int:
         option = "--resolution" if args.resolution else "the checkpoint's default resolution (pass --resolution)"
         raise CLIError(f"{option}: {e}") from None
     if args.width is not None:
-        from . import _select_width
+        from ..elastic import check_selectable
 
         try:
-            _select_width(parts.transformer, args.width)
+            check_selectable(parts.transformer, args.width)
         except ValueError as e:
             raise CLIError(str(e)) from None
     threads = args.threads or os.cpu_count() or 1
