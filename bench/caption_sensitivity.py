@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                     losses.append((v - target).pow(2).mean().item())
             gaps.append(100 * (losses[1] / losses[0] - 1))
         rows.append((category, gaps))
-    print(f"| category (what is changed) | " + " | ".join(f"t = {t:g}" for t in args.t) + " |")
+    print("| category (what is changed) | " + " | ".join(f"t = {t:g}" for t in args.t) + " |")
     print("|---|" + "---|" * len(args.t))
     what = {"colors": "colour", "color_attr": "colours swapped between the objects", "position": "relation reversed",
             "counting": "count"}
