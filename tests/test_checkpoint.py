@@ -89,3 +89,33 @@ def test_rng_state_round_trip(tmp_path, model):
     _, rng_meta = read_training_state(ckpt)
     restore_rng_state(ckpt, 0, rng_meta, g)
     assert draw() == after_save
+
+
+def test_grow_model_adds_modules_and_keeps_every_trained_weight():
+    from pocketdit import PocketDiT
+    from pocketdit.checkpoint import grow_model
+
+    g = torch.Generator().manual_seed(0)
+    base = PocketDiT.from_preset("nano")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g)
+
+    same, new = grow_model(base, {"hidden_size": 64, "num_heads": 4})  # equal to its config: nothing to grow
+    assert same is base and new == []
+
+    grown, new = grow_model(base, {"text_refiner_depth": 1})
+    assert new == ["text_refiner"] and grown.config.text_refiner_depth == 1
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx).sample, base(x, t, ctx).sample, rtol=0, atol=0)
+
+    # A plain model grown into a supernet: the full width is the model, a narrower width starts from its slice.
+    sup, new = grow_model(base, {"elastic_widths": [0.5, 1.0]})
+    with torch.no_grad():
+        torch.testing.assert_close(sup(x, t, ctx).sample, base(x, t, ctx).sample, rtol=0, atol=0)
+        half = sup.down_blocks[0].scale_shift_tables["0_5"]
+        torch.testing.assert_close(half, base.down_blocks[0].scale_shift_table[:, :32])
+
+    with pytest.raises(ValueError, match="change or drop weights"):
+        grow_model(base, {"mlp_ratio_mid": 2.0})

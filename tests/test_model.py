@@ -198,3 +198,29 @@ def test_nearest_valid_sizes_are_found_for_a_size_off_the_grid():
         near = model.valid_latent_sizes_near(side, side)
         assert len(near) == 4 and all(model.is_valid_latent_size(h, w) for h, w in near)
         assert all(abs(h - side) <= 2 * m and abs(w - side) <= 2 * m for h, w in near), (side, near)
+
+
+def test_text_refiner_starts_as_identity_and_learns_token_mixing():
+    """A refiner added to a model changes nothing until trained (zero output projections), and once its weights
+    move it mixes the text tokens: a token's refined state depends on the other tokens, padding excluded."""
+    plain = randomize(PocketDiT.from_preset("nano"), seed=1)
+    refined = PocketDiT.from_preset("nano", text_refiner_depth=2)
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("text_refiner.") for k in missing)
+    x, t, ctx = inputs(text_len=6)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, ctx, mask).sample, refined(x, t, ctx, mask).sample)
+        randomize(refined.text_refiner, seed=2)
+        c1, _ = refined.encode_text(ctx, mask)
+        ctx2 = ctx.clone()
+        ctx2[:, 0] += 1.0  # change token 0 only
+        c2, _ = refined.encode_text(ctx2, mask)
+        assert (c2[:, 1] - c1[:, 1]).abs().max() > 1e-4  # token 1 now sees token 0
+        ctx3 = ctx.clone()
+        ctx3[1, 4:] = 100.0  # padding of sample 1 must not matter
+        c3, _ = refined.encode_text(ctx3, mask)
+        torch.testing.assert_close(c3[1, :4], c1[1, :4])
+    out = refined(x, t, ctx, mask).sample
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in refined.text_refiner.parameters())

@@ -34,6 +34,7 @@ __all__ = [
     "read_safetensors",
     "load_checkpoint_weights",
     "load_pretrained_transformer",
+    "grow_model",
     "save_weights_dir",
     "write_checkpoint",
     "prune_checkpoints",
@@ -118,10 +119,53 @@ def load_pretrained_transformer(path):
 
     p = Path(path)
     if (p / "config.json").is_file() and (p / MODEL_WEIGHTS).is_file():
-        return PocketDiT.from_pretrained(str(p))
-    if (p / "transformer" / "config.json").is_file() and not (p / "trainer_state.json").is_file():
-        return PocketDiT.from_pretrained(str(p / "transformer"))
-    return load_checkpoint_weights(p, ema=True)
+        model = PocketDiT.from_pretrained(str(p))
+    elif (p / "transformer" / "config.json").is_file() and not (p / "trainer_state.json").is_file():
+        model = PocketDiT.from_pretrained(str(p / "transformer"))
+    else:
+        model = load_checkpoint_weights(p, ema=True)
+    return model
+
+
+def _same(a, b) -> bool:
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # JSON configs hold lists, overrides tuples
+    return norm(a) == norm(b)
+
+
+def grow_model(model, overrides: dict, source: str = "the pretrained model"):
+    """(model rebuilt with `overrides` applied to its config and its weights copied in, names of the new modules).
+
+    Settings that add modules (`text_refiner_depth=2`; `elastic_widths=[0.5, 1.0]` on a plain model) grow a trained
+    model: new modules keep their initialisation (a refiner starts as the identity; a width's private tables start
+    as the slice of the trained full-width ones). An override that would change the shape of a loaded weight is an
+    error naming it. Overrides equal to the model's config change nothing.
+    """
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    changed = {k: v for k, v in overrides.items() if not _same(config.get(k), v)}
+    if not changed:
+        return model, []
+    unknown = sorted(set(changed) - set(config))
+    if unknown:
+        raise ValueError(f"unknown PocketDiT config key(s) {unknown} for {source}")
+    grown = type(model)(**{**config, **changed})
+    own = grown.state_dict()
+    loaded = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}" if k in own else f"{k} (gone)"
+           for k, v in loaded.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(
+            f"model overrides {changed} on top of {source} change or drop weights it has: {bad[:5]}"
+            f"{' ...' if len(bad) > 5 else ''}. Only settings that add modules (text_refiner_depth, elastic_widths) "
+            "can be applied to pretrained weights; for a different architecture train without model.pretrained"
+        )
+    missing = grown.load_state_dict(loaded, strict=False).missing_keys
+    if grown.elastic_widths and not model.elastic_widths:
+        from .elastic import init_private_from_full
+
+        init_private_from_full(grown)  # a width's private tables start as the slice of the trained full-width ones
+    new = sorted({k.split(".")[0] if not k.startswith(("down_blocks", "mid_blocks", "up_blocks")) else k.rsplit(".", 2)[0]
+                  for k in missing})
+    return grown, new
 
 
 def read_training_state(ckpt: Path) -> tuple[dict, list]:

@@ -46,6 +46,7 @@ __all__ = [
     "check_widths",
     "sub_config",
     "make_elastic",
+    "init_private_from_full",
     "set_width",
     "at_width",
     "extract_width",
@@ -343,6 +344,23 @@ def make_elastic(model, widths: Sequence[float]) -> None:
         m.scale_shift_tables = nn.ParameterDict(
             {width_key(w): nn.Parameter(table[:, : int(round(w * d))].clone()) for w in widths if w < 1}
         )
+
+
+@torch.no_grad()
+def init_private_from_full(model) -> None:
+    """Reset every narrower width's private parameters to the slice of the full-width ones (as ``make_elastic``
+    does at build time): for a supernet grown from a trained plain model, whose full-width weights were loaded
+    after the private copies were cut from the random initialisation."""
+    _check_supernet(model)
+    for _, m in _modulated(model):
+        for key, table in m.scale_shift_tables.items():
+            table.copy_(m.scale_shift_table[:, : table.shape[1]])
+    for m in model.modules():
+        if isinstance(m, SlicedLayerNorm) and m.weight is not None:
+            for key, w in m.width_weight.items():
+                w.copy_(m.weight[: w.shape[0]])
+            for key, b in m.width_bias.items():
+                b.copy_(m.bias[: b.shape[0]])
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:

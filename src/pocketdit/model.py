@@ -73,6 +73,29 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class TextRefinerBlock(nn.Module):
+    """A trainable pre-LN transformer layer over the projected text tokens (HunyuanVideo's token refiner,
+    Lumina-Next's context refiner), run once per prompt before cross-attention.
+
+    Why: a frozen sentence encoder's token states name the words well but tie them together weakly ("red" and
+    "circle" are two keys, so the denoiser can read the colours of a prompt without reading whose they are);
+    a refiner lets training move an attribute or a relation into the token it belongs to. Output projections
+    start at zero, so a refiner added to a trained model starts as the identity.
+    """
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = CrossAttention(dim, dim, dim, head_dim, qk_norm, eps)  # attention of the tokens to themselves
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.ff = FeedForward(dim, int(round(dim * mlp_ratio)))
+
+    def forward(self, x, mask):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.ff(self.norm2(x))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The block
 # ----------------------------------------------------------------------------------------------------
@@ -195,6 +218,9 @@ class PocketDiT(ModelMixin, ConfigMixin):
     `attention_types` picks the Down/Up token mixer: one of "assa", "dense", "global", "local" for all
     Down/Up layers, or a list with one entry per Down layer then per Up layer. The Middle stage is dense.
 
+    `text_refiner_depth` > 0 adds that many trainable transformer layers over the text tokens before
+    cross-attention (TextRefinerBlock): they let training bind attributes and relations to their words.
+
     `elastic_widths` (e.g. (0.375, 0.5, 1.0)) makes the model a width-elastic supernet: `set_width(w)` /
     `at_width(w)` run it at a listed width by slicing its weights, `extract_width(w)` cuts out that width as a
     standalone PocketDiT. See elastic.py.
@@ -228,6 +254,7 @@ class PocketDiT(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         elastic_widths: Optional[Sequence[float]] = None,
+        text_refiner_depth: int = 0,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
@@ -246,6 +273,9 @@ class PocketDiT(ModelMixin, ConfigMixin):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.text_projections = nn.ModuleList(TextProjection(w, cross_attention_dim) for w in text_embed_dims)
         self.null_text_token = nn.Parameter(torch.zeros(1, 1, cross_attention_dim))
+        self.text_refiner = nn.ModuleList(
+            TextRefinerBlock(cross_attention_dim, head_dim, qk_norm=qk_norm, eps=norm_eps) for _ in range(text_refiner_depth)
+        )
 
         def block(attention_type, mlp_ratio):
             return PocketDiTBlock(
@@ -290,6 +320,9 @@ class PocketDiT(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.patch_embed.bias)
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
             nn.init.normal_(lin.weight, std=0.02)
+        for ref in self.text_refiner:  # a refiner starts as the identity
+            nn.init.zeros_(ref.attn.to_out.weight)
+            nn.init.zeros_(ref.ff.fc2.weight)
         for blk in self.blocks():
             if hasattr(blk.attn, "gate"):  # ASSA gate: zero so both branches start at 0.5
                 nn.init.zeros_(blk.attn.gate.weight)
@@ -391,7 +424,10 @@ class PocketDiT(ModelMixin, ConfigMixin):
             msk.append(torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if m is None else m.bool())
         ctx.append(self.null_text_token.expand(b, 1, -1).to(ctx[0].dtype))
         msk.append(torch.ones(b, 1, dtype=torch.bool, device=ctx[0].device))
-        return torch.cat(ctx, dim=1), torch.cat(msk, dim=1)
+        context, mask = torch.cat(ctx, dim=1), torch.cat(msk, dim=1)
+        for ref in self.text_refiner:
+            context = ref(context, mask)
+        return context, mask
 
     def _run(self, block, *args):
         if torch.is_grad_enabled() and self.gradient_checkpointing:

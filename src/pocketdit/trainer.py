@@ -33,6 +33,7 @@ from .checkpoint import (
     check_resume_config,
     clean_temp_dirs,
     load_optimizer_state,
+    grow_model,
     load_pretrained_transformer,
     prepare_fresh_run_dir,
     prune_checkpoints,
@@ -575,6 +576,10 @@ def build_components(cfg: TrainConfig):
     ae = load_autoencoder(cfg.autoencoder)
     if cfg.model.pretrained:
         model = load_pretrained_transformer(cfg.model.pretrained)
+        if cfg.model.overrides:
+            model, new = grow_model(model, dict(cfg.model.overrides), source=cfg.model.pretrained)
+            if new:
+                print(f"model: {cfg.model.pretrained} grown by new modules {', '.join(new)} (the rest of it loaded)")
     else:
         overrides = dict(cfg.model.overrides)
         overrides.setdefault("text_embed_dims", tuple(text.embed_dims))
