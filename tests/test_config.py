@@ -93,3 +93,9 @@ def test_schedule_shift_must_be_positive():
     assert load_config(None, ["--schedule.shift", "2.5"]).schedule.shift == 2.5
     with pytest.raises(ConfigError, match="schedule.shift"):
         load_config(None, ["--schedule.shift", "0"])
+
+
+def test_method_shorthand_is_method_name():
+    from pocketdit.config import parse_overrides
+
+    assert parse_overrides(["--method", "kd", "--method.teacher", "runs/t"]) == {"method": {"name": "kd", "teacher": "runs/t"}}

@@ -25,8 +25,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+METHOD_MODULES_FILE = "method_modules.safetensors"
+METHOD_OPTIMIZER_FILE = "method_optimizer.pt"
+
 __all__ = [
     "CheckpointError",
+    "METHOD_MODULES_FILE",
+    "METHOD_OPTIMIZER_FILE",
     "MODEL_WEIGHTS",
     "CHECKPOINT_PREFIX",
     "resolve_checkpoint",
@@ -176,11 +181,11 @@ def read_training_state(ckpt: Path) -> tuple[dict, list]:
         raise CheckpointError(f"{ckpt}: trainer_state.json or rng.json is not valid JSON ({e})") from e
 
 
-def load_optimizer_state(ckpt: Path) -> dict:
+def load_optimizer_state(ckpt: Path, name: str = "optimizer.pt") -> dict:
     try:
-        return torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        return torch.load(ckpt / name, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {ckpt / 'optimizer.pt'}: {e}") from e
+        raise CheckpointError(f"cannot read {ckpt / name}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,10 +204,13 @@ def save_weights_dir(directory: Path, config, state: dict, class_name: str):
 
 
 def write_checkpoint(final: Path, model_config, class_name: str, model_state: dict, ema_state: dict,
-                     optimizer_state: dict, rng: list, trainer_state: dict) -> Path:
+                     optimizer_state: dict, rng: list, trainer_state: dict, method_modules: Optional[dict] = None,
+                     method_optimizer: Optional[dict] = None) -> Path:
     """Write a complete checkpoint to `final` atomically and point `final.parent/latest` at it.
 
-    `rng` holds one `rng_state()` pair per rank; `trainer_state` becomes trainer_state.json.
+    `rng` holds one `rng_state()` pair per rank; `trainer_state` becomes trainer_state.json. A method's own
+    trainable modules (KD projectors, a critic) go to method_modules.safetensors and their optimizer state to
+    method_optimizer.pt.
     """
     from safetensors.torch import save_file
 
@@ -220,6 +228,11 @@ def write_checkpoint(final: Path, model_config, class_name: str, model_state: di
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     (tmp / "rng.json").write_text(json.dumps(rng_meta))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    if method_modules:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method_modules.items()},
+                  str(tmp / METHOD_MODULES_FILE))
+    if method_optimizer is not None:
+        torch.save(method_optimizer, tmp / METHOD_OPTIMIZER_FILE)
     _fsync_dir(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): swap atomically enough, old one last
         old = final.with_name(f"{final.name}.old-{os.getpid()}")

@@ -405,7 +405,8 @@ def parse_overrides(argv: Sequence[str]) -> dict:
     """["--optim.lr", "1e-4", "--train.steps=10"] -> {"optim": {"lr": 1e-4}, "train": {"steps": 10}}.
 
     Values are parsed as YAML (so lists like "[a, b]" and null work); keys need a section
-    ("--lr" alone is an error naming it), except the top-level "autoencoder".
+    ("--lr" alone is an error naming it), except the top-level "autoencoder" and "--method NAME", short for
+    "--method.name NAME".
     """
     out: dict = {}
     items = list(argv)
@@ -424,6 +425,8 @@ def parse_overrides(argv: Sequence[str]) -> dict:
             raw = items[i + 1]
             i += 2
         key = key.replace("-", "_")
+        if key == "method":  # `--method kd` is short for `--method.name kd`
+            key = "method.name"
         parts = key.split(".")
         hints = typing.get_type_hints(TrainConfig)
         if parts[0] not in hints:

@@ -27,6 +27,8 @@ import torch.nn as nn
 
 from .checkpoint import (
     CHECKPOINT_PREFIX,
+    METHOD_MODULES_FILE,
+    METHOD_OPTIMIZER_FILE,
     MODEL_WEIGHTS,
     CheckpointError,
     check_checkpoint_files,
@@ -183,6 +185,18 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=self.ocfg.lr, betas=tuple(self.ocfg.betas), eps=self.ocfg.eps, weight_decay=self.ocfg.weight_decay
         )
+        # A method's own trainable modules (KD projectors, a critic): replicated on every rank, their gradients
+        # averaged by hand, their own optimizer (so the model's FSDP/DDP optimizer state keeps its layout).
+        self.method_modules = dict(method.extra_modules())
+        for m in self.method_modules.values():
+            m.to(device).train()
+        self.method_params = [p for m in self.method_modules.values() for p in m.parameters() if p.requires_grad]
+        self.method_optimizer = None
+        if self.method_params:
+            self.method_optimizer = torch.optim.AdamW(
+                self.method_params, lr=self.ocfg.lr, betas=tuple(self.ocfg.betas), eps=self.ocfg.eps,
+                weight_decay=self.ocfg.weight_decay,
+            )
         method.generator = torch.Generator().manual_seed(self.tcfg.seed * 1_000_003 + 7919 * self.dist.rank)
         self.generator = method.generator
 
@@ -305,8 +319,9 @@ class Trainer:
             while self.step < tcfg.steps:
                 epoch, index, indices, batch = next(batches)
                 lr = self.lr_at(self.step)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                for opt in (self.optimizer, self.method_optimizer):
+                    for g in (opt.param_groups if opt is not None else ()):
+                        g["lr"] = lr
                 self.method.global_step = self.step
                 with self._autocast():
                     out = self.method.step(batch)
@@ -324,6 +339,8 @@ class Trainer:
                     grad_norm = float(full_tensor(grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.method_optimizer is not None:
+                    self._step_method_modules()
                 self.ema.update(self.model)
                 self.step += 1
                 self.epoch, self.batch_in_epoch = epoch, index + 1
@@ -378,6 +395,21 @@ class Trainer:
                 f.write(json.dumps({"step": self.step + 1, "error": msg, "time": time.time()}) + "\n")
         raise NonFiniteLossError(msg, step=self.step + 1, epoch=epoch, batch_index=index)
 
+    def _step_method_modules(self):
+        if self.dist.world_size > 1:
+            for p in self.method_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.dist.world_size
+        if self.ocfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.method_params, self.ocfg.grad_clip)
+        self.method_optimizer.step()
+        self.method_optimizer.zero_grad(set_to_none=True)
+
+    def method_modules_state(self) -> dict:
+        return {f"{name}.{k}": v for name, m in self.method_modules.items() for k, v in m.state_dict().items()}
+
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------
@@ -401,7 +433,8 @@ class Trainer:
             if hasattr(self.method, "state_dict"):
                 state["method_state"] = self.method.state_dict()
             write_checkpoint(final, self.model_config, self.model_cls.__name__, model_state, ema_state, optim_state,
-                             rng, state)
+                             rng, state, method_modules=self.method_modules_state() or None,
+                             method_optimizer=None if self.method_optimizer is None else self.method_optimizer.state_dict())
             prune_checkpoints(self.output_dir, self.tcfg.keep_checkpoints, keep=final)
         barrier(self.dist)
         self.last_checkpoint = final
@@ -441,6 +474,16 @@ class Trainer:
         self.ema.num_updates = int(state["ema_updates"])
         load_full_optimizer_state(self.model, self.optimizer, load_optimizer_state(ckpt), self.dist)
         restore_rng_state(ckpt, self.dist.rank, rng_meta, self.generator)
+        if self.method_modules:
+            if not (ckpt / METHOD_MODULES_FILE).is_file():
+                raise CheckpointError(f"checkpoint {ckpt} has no {METHOD_MODULES_FILE} for this method's modules "
+                                      f"({', '.join(self.method_modules)}); it was written by another method")
+            saved = read_safetensors(ckpt / METHOD_MODULES_FILE)
+            for name, m in self.method_modules.items():
+                prefix = f"{name}."
+                m.load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+            if self.method_optimizer is not None:
+                self.method_optimizer.load_state_dict(load_optimizer_state(ckpt, METHOD_OPTIMIZER_FILE))
         self.step = int(state["step"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         if hasattr(self.method, "load_state_dict") and "method_state" in state:
@@ -606,15 +649,12 @@ def build_components(cfg: TrainConfig):
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
-    import inspect
-
     from .methods import build_method, get_method, method_options
 
     # Cheap checks first: a typo in the method should not cost loading text encoders.
-    method_cls = get_method(cfg.method.name)
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(method_cls.__init__).parameters.values())
+    get_method(cfg.method.name)
     bad = sorted(set(cfg.method.options) - set(method_options(cfg.method.name)))
-    if bad and not accepts_any:
+    if bad:
         raise ValueError(
             f"unknown option(s) {['method.' + k for k in bad]} for training method {cfg.method.name!r}; valid options: "
             f"{['method.' + k for k in method_options(cfg.method.name)]}"
@@ -624,6 +664,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     except ImportError as e:
         raise ValueError(f"pocketdit.data.build_dataset is not available in this installation ({e})") from e
 
+    # Fresh weights (the model's, a method's projectors) are a function of train.seed, also for several runs
+    # in one process; a resume then loads every one of them.
+    torch.manual_seed(cfg.train.seed)
     model, text, ae = build_components(cfg)
     data_kwargs = dict(cfg.data.options)
     data_kwargs.setdefault("resolution", cfg.data.resolution)

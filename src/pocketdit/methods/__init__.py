@@ -48,18 +48,23 @@ def get_method(name: str) -> Type[TrainingMethod]:
 def method_options(name: str) -> list[str]:
     """Keyword options a method accepts beyond the components the trainer passes."""
     cls = get_method(name)
-    params = inspect.signature(cls.__init__).parameters
-    return [k for k in params if k not in ("self", "model", "text_conditioner", "autoencoder")]
+    names = []
+    for klass in cls.__mro__:  # a method whose __init__ forwards **options to its base accepts the base's too
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names += [k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and k not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return [k for k in names if k not in ("self", "model", "text_conditioner", "autoencoder")]
 
 
 def build_method(name: str, **kwargs) -> TrainingMethod:
     cls = get_method(name)
-    params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        bad = sorted(set(kwargs) - set(params))
-        if bad:
-            raise ValueError(
-                f"unknown option(s) {['method.' + k for k in bad]} for training method {name!r}; "
-                f"valid options: {['method.' + k for k in method_options(name)]}"
-            )
+    bad = sorted(set(kwargs) - set(method_options(name)) - {"model", "text_conditioner", "autoencoder"})
+    if bad:
+        raise ValueError(
+            f"unknown option(s) {['method.' + k for k in bad]} for training method {name!r}; "
+            f"valid options: {['method.' + k for k in method_options(name)]}"
+        )
     return cls(**kwargs)

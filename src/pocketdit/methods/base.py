@@ -28,6 +28,12 @@ class TrainingMethod:
     def step(self, batch: dict) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def extra_modules(self) -> Dict[str, nn.Module]:
+        """Trainable modules of the method's own, outside the model (KD projectors, a critic). The trainer
+        optimises them with their own AdamW (same lr schedule), averages their gradients across ranks, and saves
+        them in each checkpoint (method_modules.safetensors) for an exact resume."""
+        return {}
+
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 

@@ -54,6 +54,7 @@ class ElasticPretrain(FlowMatchingPretrain):
     """
 
     backward_in_step = True
+    requires_supernet = True  # a subclass (kd) may also train a plain model, as its one width
 
     def __init__(
         self,
@@ -74,8 +75,8 @@ class ElasticPretrain(FlowMatchingPretrain):
     ):
         super().__init__(model, text_conditioner, autoencoder, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
                          caption_dropout=caption_dropout, text_cache_size=text_cache_size)
-        widths = getattr(model, "elastic_widths", None)
-        if not widths or len(widths) < 2:
+        widths = getattr(model, "elastic_widths", None) or (1.0,)
+        if self.requires_supernet and len(widths) < 2:
             raise ValueError(
                 "method.name: elastic needs a supernet with at least two widths: set model elastic_widths, e.g. "
                 "--model.elastic_widths '[0.5, 1.0]' (the full width 1.0 included)"
@@ -106,6 +107,8 @@ class ElasticPretrain(FlowMatchingPretrain):
     # ------------------------------------------------------------------------------------------------
     def widths_for_step(self, step: int) -> list[float]:
         """The sub-widths trained at `step`: the same on every rank (drawn from (seed, step) only)."""
+        if not self.sub_widths:
+            return []
         if self.sampling == "sandwich":
             return list(self.sub_widths)
         rng = np.random.default_rng([self.seed, step])

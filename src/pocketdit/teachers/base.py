@@ -7,7 +7,8 @@ Everything is in PocketDiT's units, whatever the teacher's own conventions are:
     out.features   (B, N, D)     the teacher's final transformer-layer tokens (conditional branch), fp32
     out.feature_grid  (gh, gw)   the token grid of `features` (N = gh * gw), for the KD projector to align grids
 
-`x_t` is in the student's (normalised) latent space and `t` in [0, 1] (1 = pure noise). An adapter owns the
+`x_t` is in the student's (normalised) latent space and `t` in [0, 1] (1 = pure noise). A prompt may be None:
+the teacher's own unconditional input (what caption dropout trains the student's null condition to match). An adapter owns the
 teacher's conventions (timestep scale, latent packing, normalisation, guidance rule) and converts both ways.
 Teachers run without gradients, optionally in another dtype or on another device; their outputs come back on
 `x_t`'s device in fp32. A teacher encodes the prompts with its own text encoders (`encode_prompts`, cached per

@@ -7,6 +7,7 @@ last Up-block tokens as features.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +24,8 @@ class PocketDiTTeacher(Teacher):
         self.transformer = transformer.eval().requires_grad_(False)
         self.text_conditioner = text_conditioner
         self.hold_autoencoder(autoencoder)
+        self.cache_size = 20000
+        self._cache: "OrderedDict[str, tuple]" = OrderedDict()
         cfg = transformer.config
         self.latent_channels = cfg.in_channels
         self.feature_dim = cfg.hidden_size
@@ -41,9 +44,33 @@ class PocketDiTTeacher(Teacher):
         transformer = select_width(pipe.transformer, width)
         return cls(transformer, pipe.text_conditioner, pipe.autoencoder, device=device, dtype=dtype)
 
-    def encode_prompts(self, prompts: Sequence[str]):
-        states, masks = encode_prompts(self.text_conditioner, list(prompts))
-        return [s.to(self.device) for s in states], [m.to(self.device).bool() for m in masks]
+    def encode_prompts(self, prompts: Sequence[Optional[str]]):
+        """(states, masks) per encoder; a None prompt is the null condition (zero states, all-False masks), the
+        input caption dropout trained. Each prompt's states are cached (up to `cache_size` prompts; frozen
+        encoders give the same states for the same prompt, one prompt at a time as in training)."""
+        rows = [self._encode_one(p) for p in prompts]
+        n = len(rows[0][0])
+        states = [torch.stack([r[0][i] for r in rows]).to(self.device) for i in range(n)]
+        masks = [torch.stack([r[1][i] for r in rows]).to(self.device) for i in range(n)]
+        return states, masks
+
+    def _encode_one(self, prompt: Optional[str]):
+        key = "\0null" if prompt is None else prompt
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        if prompt is None:
+            s, m = self.text_conditioner.unconditional(1, device="cpu")
+            row = ([x[0] for x in s], [x[0].bool() for x in m])
+        else:
+            s, m = encode_prompts(self.text_conditioner, [prompt])
+            row = ([x[0].cpu() for x in s], [x[0].cpu().bool() for x in m])
+        if self.cache_size > 0:
+            self._cache[key] = row
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return row
 
     def _run(self, x, t, states, masks, output_features):
         dtype = next(self.transformer.parameters()).dtype
