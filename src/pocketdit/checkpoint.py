@@ -113,6 +113,11 @@ def load_checkpoint_weights(path, ema: bool = True, model_cls=None):
     model = model_cls.from_config(config)
     state = read_safetensors(sub / MODEL_WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if any("lora_" in k or ".base_layer." in k for k in unexpected):
+        raise CheckpointError(
+            f"{sub}: this checkpoint holds the LoRA adapters of a distillation run (pocketdit distill), not a plain "
+            "model; the fused model is the run's output directory (the folder above train/)"
+        )
     if missing or unexpected:
         raise CheckpointError(f"{sub}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model

@@ -139,6 +139,73 @@ def cmd_train(args, overrides: Sequence[str]) -> int:
     return 0
 
 
+def cmd_distill(argv: Sequence[str]) -> int:
+    """`pocketdit distill [config] --method kdmd|dmd --teacher T [--few-step-teacher F] [--student S] --steps 4
+    [--width W] [--iterations N] -o OUT [--resume auto] [--section.key value ...]` (see pocketdit.distill)."""
+    from .argtypes import check_output_dir
+    from .config import ConfigError, load_config
+    from .distill import apply_distill_defaults, distill_overrides, write_distilled_pipeline
+
+    p = ArgumentParser(prog="pocketdit distill", description=cmd_distill.__doc__)
+    p.add_argument("--method", default="kdmd", choices=["kdmd", "dmd"])
+    p.add_argument("--teacher", default=None, help="real-score teacher: run, checkpoint, pipeline, built-in name or "
+                   "diffusers pipeline directory (default: the student)")
+    p.add_argument("--few-step-teacher", default=None, help="few-step teacher for kdmd (e.g. a dmd output directory)")
+    p.add_argument("--student", default=None, help="model to distil (default: the teacher)")
+    p.add_argument("--steps", type=positive_int, default=4, help="sampling steps of the distilled model (default 4)")
+    p.add_argument("--width", type=positive_float, default=None, help="distil this width of a supernet student")
+    p.add_argument("--iterations", type=positive_int, default=None, help="training iterations (train.steps)")
+    p.add_argument("-o", "--output", required=True, help="output directory: the pipeline, and the run in OUT/train")
+    p.add_argument("--resume", default=None, help="'auto' to continue OUT/train")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty output directory")
+    args, rest = p.parse_known_args(list(argv))
+    try:
+        train_args, overrides = _split_train_argv(rest)
+    except ValueError as e:
+        return cli_error(str(e))
+    out = Path(args.output)
+    if args.resume is None:
+        check_output_dir(out, "-o", overwrite=args.overwrite)
+    from .checkpoints import builtin_model_path, builtin_models
+
+    def resolve(spec):
+        return str(builtin_model_path(spec)) if spec and not Path(spec).exists() and spec in builtin_models() else spec
+
+    teacher, student = resolve(args.teacher), resolve(args.student)
+    try:
+        flags = distill_overrides(args.method, student, teacher, args.few_step_teacher, args.steps, args.width,
+                                  args.iterations, out)
+        cfg = load_config(train_args.config, flags + overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        return cli_error(str(e))
+    apply_distill_defaults(cfg, overrides)
+    cfg.train.resume = args.resume
+    cfg.train.overwrite = args.overwrite
+    cfg.train.allow_config_change = train_args.allow_config_change
+    if train_args.print_config:
+        import yaml
+
+        from .config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    from .trainer import NonFiniteLossError, build_trainer
+
+    trainer = build_trainer(cfg)
+    if trainer.dist.is_main:
+        n = sum(p.numel() for p in trainer.method.trainable_parameters())
+        print(f"distilling with {args.method} to {args.steps} steps: {n / 1e6:.3f}M trainable student parameters; "
+              f"run in {cfg.train.output_dir}", flush=True)
+    try:
+        trainer.train()
+    except NonFiniteLossError as e:
+        return cli_error(str(e), 1)
+    if trainer.dist.is_main:
+        write_distilled_pipeline(trainer, out, cfg.data.resolution)
+        print(f"wrote {out}: `pocketdit generate \"...\" -m {out}` samples in {args.steps} steps without guidance")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # generate
 # ----------------------------------------------------------------------------------------------------
@@ -499,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the latest checkpoint in OUTPUT/train (or from the checkpoint given)")
 
+    sub.add_parser("distill", help="distil a model to a few steps with K-DMD or DMD (see `pocketdit distill --help`)",
+                   add_help=False)
     for name, help_text in (
         ("quantize", "quantize a model (see `pocketdit quantize --help`)"),
         ("export", "export to ExecuTorch / Core ML / ONNX (see `pocketdit export --help`)"),
@@ -610,6 +679,8 @@ def _run(argv: list) -> int:
     if argv and argv[0] in FORWARDED:
         return _forward(argv[0], argv[1:])
     parser = build_parser()
+    if argv and argv[0] == "distill":
+        return cmd_distill(argv[1:])
     if argv and argv[0] == "train" and not any(a in ("-h", "--help") for a in argv[1:]):
         try:
             args, overrides = _split_train_argv(argv[1:])

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
@@ -206,7 +207,7 @@ class PocketDiTOutput(BaseOutput):
 # ----------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------
-class PocketDiT(ModelMixin, ConfigMixin):
+class PocketDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Three-stage text-to-image DiT predicting flow-matching velocity.
 
     Inputs: latents (B, C, H, W); timesteps (B,) in [0, 1] (t=1 is pure noise); text token states, one
@@ -220,6 +221,9 @@ class PocketDiT(ModelMixin, ConfigMixin):
 
     `text_refiner_depth` > 0 adds that many trainable transformer layers over the text tokens before
     cross-attention (TextRefinerBlock): they let training bind attributes and relations to their words.
+
+    LoRA adapters come from diffusers' PeftAdapterMixin (`add_adapter(LoraConfig(...))`, `fuse_lora`,
+    `unload_lora`), as for diffusers' own transformers; K-DMD trains through them.
 
     `elastic_widths` (e.g. (0.375, 0.5, 1.0)) makes the model a width-elastic supernet: `set_width(w)` /
     `at_width(w)` run it at a listed width by slicing its weights, `extract_width(w)` cuts out that width as a

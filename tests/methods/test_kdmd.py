@@ -1,0 +1,141 @@
+"""methods/kdmd.py: K-DMD and plain DMD on nano models: what each iteration trains, the update ratio, backward
+simulation, the DMD gradient, LoRA fusion and the watchdog."""
+
+import copy
+
+import pytest
+import torch
+
+from pocketdit import flow
+from pocketdit.autoencoder import PixelSpace
+from pocketdit.methods.kdmd import (
+    DistributionMatchingDistillation,
+    KnowledgeGuidedDMD,
+    LatentDriftError,
+    dmd_loss,
+)
+from pocketdit.model import PocketDiT
+from pocketdit.teachers import PocketDiTTeacher
+
+from test_kd import FakeText, _batch, _nano
+
+
+def _teacher(seed=0):
+    return PocketDiTTeacher(_nano(seed), FakeText(), PixelSpace())
+
+
+def _kdmd(**kw):
+    kw.setdefault("lora_rank", 4)
+    kw.setdefault("lora_alpha", 8)
+    kw.setdefault("critic_lora_rank", 4)
+    kw.setdefault("critic_lora_alpha", 8)
+    return KnowledgeGuidedDMD(_nano(), FakeText(), PixelSpace(), teacher=_teacher(), few_step_teacher=_teacher(1), **kw)
+
+
+def _grads(module):
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def test_one_student_iteration_trains_exactly_the_lora_critic_and_projector():
+    m = _kdmd()
+    m.global_step = 0  # a student turn
+    out = m.step(_batch())
+    assert {"critic_loss", "dmd_loss", "kd_out", "kd_feat", "student_loss", "loss"} <= set(out)
+    sg = _grads(m.student)
+    assert all(("lora_" in n) == (g is not None) for n, g in sg.items()), "only the student's LoRA gets gradients"
+    assert any(g is not None and g.abs().sum() > 0 for n, g in sg.items() if "lora_B" in n)
+    cg = _grads(m.critic)
+    assert all(("lora_" in n) == (g is not None) for n, g in cg.items())
+    assert all(p.grad is not None for p in m.projector.parameters())
+    assert all(p.grad is None for p in m.teacher.parameters()) and all(p.grad is None for p in m.few_step_teacher.parameters())
+
+
+@pytest.mark.parametrize("mode", ["dmd2", "fastgen"])
+def test_update_ratio(mode):
+    m = _kdmd(student_update_every=3, ratio_mode=mode, feat_weight=0.0)
+    turns = []
+    for step in range(6):
+        m.global_step = step
+        for p in (*m.student.parameters(), *m.critic.parameters()):
+            p.grad = None
+        m.step(_batch(2))
+        student = any(p.grad is not None for p in m.student.parameters())
+        critic = any(p.grad is not None for p in m.critic.parameters())
+        turns.append((student, critic))
+    if mode == "dmd2":  # critic every iteration, the student too every 3rd
+        assert turns == [(True, True), (False, True), (False, True)] * 2
+    else:  # every 3rd iteration is a student step instead of a critic step
+        assert turns == [(True, False), (False, True), (False, True)] * 2
+
+
+def test_backward_simulation_follows_the_students_sampler():
+    m = _kdmd(num_steps=4, shift=3.0)
+    torch.testing.assert_close(m.sigmas[:-1], torch.tensor([1.0, 0.9, 0.75, 0.5]))
+    states, masks = FakeText().encode(["a", "bb"])
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        def fn(x, t, cond):
+            return m.student(x, t, states[0], masks[0]).sample
+        full = flow.euler_sample(fn, noise, 4, shift=3.0)
+        part = flow.euler_sample(fn, noise, 4, shift=3.0, timesteps=[1.0, 0.9, 0.75])
+    torch.testing.assert_close(m.simulate(noise, 4, states[0], masks[0]), full)
+    torch.testing.assert_close(m.simulate(noise, 2, states[0], masks[0]), part)
+    torch.testing.assert_close(m.generate(noise, ["a", "bb"]), full)
+
+
+def test_dmd_gradient_by_hand_and_zero_when_critic_is_teacher():
+    x0_hat = torch.tensor([[[[1.0, 2.0]]], [[[0.0, 4.0]]]], requires_grad=True)
+    real = torch.tensor([[[[0.0, 0.0]]], [[[1.0, 1.0]]]])
+    fake = torch.tensor([[[[2.0, 1.0]]], [[[1.0, 3.0]]]])
+    loss, g = dmd_loss(x0_hat, real, fake)
+    # per-sample norms: mean|x0_hat - real| = 1.5 and 2.0
+    want = torch.tensor([[[[2 / 1.5, 1 / 1.5]]], [[[0.0, 1.0]]]])
+    torch.testing.assert_close(g, want)
+    loss.backward()
+    torch.testing.assert_close(x0_hat.grad, want / want.numel())  # 0.5 mse -> g / numel
+    loss0, g0 = dmd_loss(x0_hat, real, real)
+    assert loss0.item() == 0 and g0.abs().max() == 0
+    _, g_nan = dmd_loss(real.clone(), real, fake)  # x0_hat == real: a 0/0 made finite
+    assert torch.isfinite(g_nan).all()
+
+
+def test_fused_student_equals_the_adapter():
+    m = _kdmd()
+    with torch.no_grad():
+        for n, p in m.student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    fused = m.fused_student()
+    assert not any("lora" in n for n, _ in fused.named_parameters())
+    assert set(fused.state_dict()) == set(PocketDiT.from_config(fused.config).state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.9, 0.5])
+    states, masks = FakeText().encode(["a", "bb"])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, states[0], masks[0]).sample, m.student(x, t, states[0], masks[0]).sample,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_plain_dmd_and_kdmd_options_are_checked():
+    with pytest.raises(ValueError, match="few-step teacher"):
+        KnowledgeGuidedDMD(_nano(), FakeText(), PixelSpace(), teacher=_teacher(), lora_rank=4, critic_lora_rank=4)
+    with pytest.raises(ValueError, match="no few-step teacher"):
+        DistributionMatchingDistillation(_nano(), FakeText(), PixelSpace(), teacher=_teacher(), few_step_teacher=_teacher())
+    m = DistributionMatchingDistillation(_nano(), FakeText(), PixelSpace(), teacher=_teacher(), lora_rank=4,
+                                         critic_lora_rank=0)
+    m.global_step = 0
+    out = m.step(_batch(2))
+    assert "kd_out" not in out and "dmd_loss" in out
+    assert all(p.grad is not None for p in m.critic.parameters() if p.requires_grad)  # full-parameter critic
+
+
+def test_watchdog_logs_statistics_and_stops_on_drift():
+    m = _kdmd(watch_every=1, watch_images=2, feat_weight=0.0)
+    m.global_step = 0
+    out = m.step(_batch(2))
+    assert {"watch_latent_mean", "watch_pixel_std", "watch_clipped", "watch_teacher_latent_mean"} <= set(out)
+    with torch.no_grad():  # make the student paint everything dark: its output bias pushes x0 down
+        base = m.student.final_layer.linear
+        (base.base_layer if hasattr(base, "base_layer") else base).bias.fill_(3.0)
+    m.global_step = 1
+    with pytest.raises(LatentDriftError, match="darkening"):
+        m.step(_batch(2))
