@@ -144,7 +144,7 @@ def cmd_distill(argv: Sequence[str]) -> int:
     [--width W] [--iterations N] -o OUT [--resume auto] [--section.key value ...]` (see pocketdit.distill)."""
     from .argtypes import check_output_dir
     from .config import ConfigError, load_config
-    from .distill import apply_distill_defaults, distill_overrides, write_distilled_pipeline
+    from .distillation import apply_distill_defaults, distill_overrides, write_distilled_pipeline
 
     p = ArgumentParser(prog="pocketdit distill", description=cmd_distill.__doc__)
     p.add_argument("--method", default="kdmd", choices=["kdmd", "dmd"])

@@ -1,6 +1,7 @@
 """Teachers for knowledge distillation and K-DMD: one contract (base.py), in PocketDiT's units.
 
     teacher = load_teacher("runs/big")                         # a PocketDiT run/checkpoint/pipeline
+    teacher = load_teacher("weights/Qwen-Image", dtype=torch.bfloat16)  # a local diffusers pipeline directory
     out = teacher(x_t, t, prompts, guidance_scale=1.0, output_features=True)
     out.velocity, out.features, out.feature_grid
 """
@@ -16,6 +17,11 @@ from .base import (
 )
 from .pocketdit_teacher import PocketDiTTeacher
 
+# Diffusers teachers (Qwen-Image, FLUX.1, SD3, SANA). The module imports no optional diffusers class: one missing
+# from an older diffusers is a clear ImportError only when that adapter is built.
+from . import diffusers_teachers  # noqa: F401
+from .diffusers_teachers import FluxTeacher, QwenImageTeacher, SanaTeacher, SD3Teacher
+
 __all__ = [
     "TEACHERS",
     "LatentSpaceMismatchError",
@@ -25,6 +31,10 @@ __all__ = [
     "latent_space_signature",
     "register_teacher",
     "PocketDiTTeacher",
+    "QwenImageTeacher",
+    "FluxTeacher",
+    "SD3Teacher",
+    "SanaTeacher",
     "load_teacher",
 ]
 
