@@ -163,3 +163,23 @@ def test_category_weights_set_the_mix_and_validate():
     for bad in ({"colour": 1}, {"position": -1}, {"position": 0}, {"position": float("nan")}, {"position": "2"}):
         with pytest.raises(ValueError, match="categories"):
             ShapesDataset(categories=bad)
+
+
+def test_negative_captions_change_one_bound_thing_in_the_same_template():
+    from pocketdit.data.shapes import ShapesDataset, corrupt_scene
+
+    data = ShapesDataset(resolution=16, length=60, seed=3, negatives=True)
+    seen = set()
+    for i in range(60):
+        item = data[i]
+        scene, cat = item["meta"], item["meta"]["category"]
+        seen.add(cat)
+        pos, neg = item["caption"].split(), item["negative_caption"].split()
+        assert pos != neg and len(pos) == len(neg) or cat == "counting"  # same template, one thing changed
+        if cat == "color_attr":  # the same words, bound the other way
+            assert sorted(pos) == sorted(neg)
+    assert seen == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert "negative_caption" not in ShapesDataset(resolution=16, length=4, seed=3)[0]
+    rng = np.random.default_rng(0)
+    scene = data.scene(0)
+    assert corrupt_scene(scene, rng) != scene and data.scene(0) == scene  # the input is not modified

@@ -155,3 +155,22 @@ def test_kd_through_the_cli_checkpoints_its_projector_and_resumes_exactly(tmp_pa
     for step in (3, 4):
         assert a[step]["loss"] == b[step]["loss"] and a[step]["kd_feat_w1"] == b[step]["kd_feat_w1"]
     assert {"task_w1", "kd_out_w1", "kd_feat_w1"} <= set(a[4])
+
+
+def test_contrastive_term_pushes_the_wrong_caption_loss_above_the_true_one():
+    from pocketdit.methods.pretrain import FlowMatchingPretrain
+
+    model = _nano(seed=3)
+    method = FlowMatchingPretrain(model, FakeText(), PixelSpace(), caption_dropout=0.0, contrastive_weight=1.0,
+                                  contrastive_margin=0.05, contrastive_min_t=0.0)
+    batch = _batch(4)
+    plain = FlowMatchingPretrain(_nano(seed=3), FakeText(), PixelSpace(), caption_dropout=0.0)
+    torch.testing.assert_close(plain.step(dict(batch))["loss"], method.step(dict(batch))["loss"])  # no negatives: off
+    batch["negative_caption"] = [c + "!" for c in batch["caption"]]  # other states from FakeText
+    out = method.step(batch)
+    assert {"contrast_gap", "contrast_active", "flow_loss"} <= set(out)
+    assert out["contrast_active"].item() > 0  # a fresh model hardly tells the captions apart
+    hinge = out["loss"] - out["flow_loss"]
+    assert 0 < hinge.item() <= 0.05 + 1e-6 - out["contrast_gap"].item() + 1e-3
+    out["loss"].backward()
+    assert model.down_blocks[0].cross_attn.to_q.weight.grad.abs().sum() > 0

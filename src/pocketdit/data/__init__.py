@@ -33,11 +33,14 @@ def collate(samples: list[dict]) -> dict:
     """Stack images; keep captions and metadata as lists."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
-    return {
+    out = {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "meta": [s.get("meta", {}) for s in samples],
     }
+    if all("negative_caption" in s for s in samples):
+        out["negative_caption"] = [s["negative_caption"] for s in samples]
+    return out
 
 
 __all__ = ["DATASETS", "build_dataset", "collate"]

@@ -52,6 +52,7 @@ __all__ = [
     "SHAPES",
     "ShapesDataset",
     "caption_for",
+    "corrupt_scene",
     "layout_scene",
     "render_scene",
     "sample_scene",
@@ -145,6 +146,36 @@ def sample_spec(rng: np.random.Generator, category: str) -> dict:
         shapes, colours = _distinct(rng, SHAPES, 2), _distinct(rng, list(COLOURS), 2)
         objects = [{"shape": s, "colour": c, "count": 1} for s, c in zip(shapes, colours)]
     return {"category": category, "objects": objects, "relation": relation}
+
+
+CONVERSE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def corrupt_scene(scene: dict, rng: np.random.Generator) -> dict:
+    """The same scene with one thing its caption binds changed, so the caption of the result is wrong for the
+    image in exactly that respect: another shape (single_object, two_object), another count (counting), another
+    colour (colors), the colours swapped between the objects (color_attr), the relation reversed (position)."""
+    import copy
+
+    s = copy.deepcopy(scene)
+    objects, category = s["objects"], s["category"]
+    if category in ("single_object", "two_object"):
+        i = int(rng.integers(len(objects)))
+        taken = {o["shape"] for o in objects}
+        objects[i]["shape"] = _choice(rng, [x for x in SHAPES if x not in taken])
+    elif category == "counting":  # a laid-out scene lists each object (the caption counts them)
+        n = sum(int(o.get("count", 1)) for o in objects)
+        m = int(_choice(rng, [c for c in COUNTS if c != n]))
+        objects[:] = [dict(objects[i % len(objects)], count=1) for i in range(m)]
+    elif category == "colors":
+        objects[0]["colour"] = _choice(rng, [c for c in COLOURS if c != objects[0]["colour"]])
+    elif category == "color_attr":
+        objects[0]["colour"], objects[1]["colour"] = objects[1]["colour"], objects[0]["colour"]
+    elif category == "position":
+        s["relation"]["relation"] = CONVERSE_RELATIONS[s["relation"]["relation"]]
+    else:
+        _check_category(category)
+    return s
 
 
 def _boxes_apart(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
@@ -313,6 +344,7 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         categories: Sequence[str] | Mapping[str, float] | None = None,
         phrasing: str = "train",
+        negatives: bool = False,
     ) -> None:
         if phrasing not in PHRASINGS:
             raise ValueError(f"phrasing={phrasing!r} is not one of {PHRASINGS}")
@@ -348,6 +380,7 @@ class ShapesDataset(Dataset):
         self.seed = seed
         self.categories = categories
         self.phrasing = phrasing
+        self.negatives = bool(negatives)
 
     def __len__(self) -> int:
         return self.length
@@ -370,7 +403,17 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(int(index))
         image = render_scene(scene, self.resolution)
-        return {"image": pil_to_tensor(image), "caption": self.caption(int(index)), "meta": scene}
+        item = {"image": pil_to_tensor(image), "caption": self.caption(int(index)), "meta": scene}
+        if self.negatives:
+            item["negative_caption"] = self.negative_caption(int(index))
+        return item
+
+    def negative_caption(self, index: int) -> str:
+        """A caption that is wrong for item ``index`` in one bound respect (``corrupt_scene``), in the same
+        template as its caption (the same phrasing generator), for contrastive training."""
+        scene = self.scene(index)
+        wrong = corrupt_scene(scene, np.random.default_rng([self.seed, scene["index"], 2]))
+        return phrase_scene(wrong, np.random.default_rng([self.seed, scene["index"], 1]), self.phrasing)
 
     def caption(self, index: int) -> str:
         """The caption of item ``index`` (its own generator, so scenes are the same in every phrasing)."""
@@ -380,5 +423,6 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(resolution={self.resolution}, length={self.length}, seed={self.seed}, "
-            f"categories={self.category_weights or list(self.categories)}, phrasing={self.phrasing!r})"
+            f"categories={self.category_weights or list(self.categories)}, phrasing={self.phrasing!r}"
+            f"{', negatives=True' if self.negatives else ''})"
         )

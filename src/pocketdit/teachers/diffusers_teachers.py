@@ -7,23 +7,31 @@ scheduler steps prev = x + (sigma_next - sigma) v, i.e. x0 = x_t - sigma v), so 
 beyond (un)packing; the latent normalisation is the one DiffusersAutoencoder applies, which is why the student
 must be trained on the teacher's VAE (check_latent_space compares the two).
 
-| adapter     | transformer                   | timestep given      | latents in          | positions          | text (pipeline.encode_prompt)             | guidance (guidance_rule)                      |
-|-------------|-------------------------------|---------------------|---------------------|--------------------|-------------------------------------------|-----------------------------------------------|
-| qwen-image  | QwenImageTransformer2DModel   | t (x1000 inside)    | 2x2 packed tokens   | img_shapes (1,H/2,W/2) | Qwen2.5-VL, prompt template, first 34 tokens dropped, 512 max | true CFG with norm rescale, negative " " ("cfg-renorm") |
-| flux        | FluxTransformer2DModel        | t (x1000 inside)    | 2x2 packed tokens   | img_ids (0,row,col), txt_ids 0 | CLIP pooled + T5 (512)        | guidance_embeds: scale fed to the guidance embedding, one pass ("embedded"); else CFG, negative "" ("cfg") |
-| sd3         | SD3Transformer2DModel         | 1000 t              | (B, C, H, W)        | learned, patch 2   | CLIP-L + CLIP-G (+ T5, 256); zeros without T5 | CFG, negative "" ("cfg")               |
-| sana        | SanaTransformer2DModel        | 1000 t timestep_scale | (B, C, H, W)      | none / sincos      | Gemma-2, complex human instruction, 300   | CFG, negative "" without the instruction ("cfg") |
+|                 | qwen-image             | flux                | sd3                 | sana                  |
+|-----------------|------------------------|---------------------|---------------------|-----------------------|
+| timestep given  | t (x1000 inside)       | t (x1000 inside)    | 1000 t              | 1000 t timestep_scale |
+| latents in      | 2x2-packed (N, 4C)     | 2x2-packed (N, 4C)  | (C, H, W)           | (C, H, W)             |
+| positions       | img_shapes (1,H/2,W/2) | img_ids (0,row,col) | inside the model    | inside the model      |
+| normalisation   | (z - mean) / std       | (z - shift) * scale | (z - shift) * scale | z * scale             |
+| text encoders   | Qwen2.5-VL (a)         | CLIP pooled + T5    | CLIP-L + G (+ T5)   | Gemma-2 (b)           |
+| max text tokens | 512                    | 512                 | 256 (T5)            | 300                   |
+| negative prompt | " "                    | ""                  | ""                  | "" (no instruction)   |
+| guidance_rule   | cfg-renorm (c)         | embedded (d) / cfg  | cfg                 | cfg                   |
 
-Latent normalisation (DiffusersAutoencoder, the same as each pipeline's): Qwen-Image (z - latents_mean) /
-latents_std per channel; FLUX.1 and SD3 (z - shift_factor) * scaling_factor; SANA (DC-AE) z * scaling_factor.
+Normalisation is the one DiffusersAutoencoder applies and each pipeline inverts before decoding: Qwen-Image's
+per-channel latents_mean/latents_std, FLUX.1 and SD3's shift_factor/scaling_factor, SANA's (DC-AE) scaling_factor.
+(a) The pipeline's prompt template, its first 34 tokens dropped, padding masked. (b) With the pipeline's default
+complex human instruction; the negative prompt is encoded without it, as the pipeline does. (c) Qwen-Image's true
+CFG: comb = uncond + s (cond - uncond), rescaled to comb * ||cond|| / ||comb|| per packed token. (d) FLUX.1
+checkpoints with `guidance_embeds` (FLUX.1-dev) are guidance-distilled: the scale goes to the guidance embedding
+in a single pass (the pipeline's default is 3.5); without it (FLUX.1-schnell) guidance is plain CFG.
 
 Packing (Qwen-Image, FLUX.1): (B, C, H, W) -> (B, H/2 * W/2, 4C), tokens row-major over the (H/2, W/2) grid and
-channels ordered (c, i, j) within a 2x2 patch, as the pipelines' _pack_latents/_unpack_latents.
+channels ordered (c, i, j) within a 2x2 patch, as the pipelines' _pack_latents/_unpack_latents. SD3 and SANA take
+the (B, C, H, W) latents and patchify inside (patch_size from their config; H, W must be multiples of it).
 
-A prompt of None is the teacher's unconditional input: the negative prompt of its guidance branch (" " for
-Qwen-Image, "" for the others). Guidance is applied when guidance_scale != 1; FLUX.1-dev and FLUX.1-schnell-style
-checkpoints with `guidance_embeds` are guidance-distilled: the scale goes to the guidance embedding (the pipeline
-default is 3.5; 1.0 is the weakest guidance it was trained with), with no second, unconditional pass.
+A prompt of None is the teacher's unconditional input: its negative prompt. Guidance is applied when
+guidance_scale != 1 (FLUX.1-dev always feeds the scale to its guidance embedding, 1.0 included).
 
 Features are the final transformer block's image tokens, before norm_out/proj_out (for FLUX.1 the last single-stream
 block with the text tokens dropped), from the conditional pass; feature_grid is the token grid (H/p, W/p),
@@ -201,7 +209,8 @@ class _DiffusersTeacher(Teacher):
                 rows.append(self._cache[p])
         for p, row in fresh.items():
             self._cache_put(p, row)
-        return {"prompt": _stack_rows(rows, self.device), "negative": _stack_rows([self._negative_row] * len(rows), self.device)}
+        negative = _stack_rows([self._negative_row] * len(rows), self.device)
+        return {"prompt": _stack_rows(rows, self.device), "negative": negative}
 
     def _cache_put(self, key: str, row: tuple) -> None:
         nbytes = sum(x.numel() * x.element_size() for x in row)
@@ -300,7 +309,7 @@ class QwenImageTeacher(_DiffusersTeacher):
         super().__init__(transformer, {"text_encoder": text_encoder, "tokenizer": tokenizer}, vae, device, dtype,
                          max_sequence_length)
         self.latent_channels = cfg.in_channels // 4
-        # diffusers < 0.36 took the text lengths as an argument instead of reading them from the mask
+        # older diffusers releases took the text lengths as an argument instead of reading them from the mask
         self._takes_txt_seq_lens = "txt_seq_lens" in inspect.signature(transformer.forward).parameters
 
     def _encode_rows(self, prompts):
