@@ -149,39 +149,57 @@ class ElasticPretrain(FlowMatchingPretrain):
         else:
             yield
 
-    def step(self, batch: dict) -> dict:
+    # Hooks a subclass (kd.py) overrides: what a step computes once, and one width's loss.
+    output_features = False  # ask the model for its final-layer tokens too
+
+    def step_inputs(self, batch: dict) -> dict:
+        """Everything every width of this step shares: one noisy batch (and, in subclasses, teacher targets)."""
         x_t, t, target, states, masks = self.noisy_batch(batch)
+        return {"x_t": x_t, "t": t, "target": target, "states": states, "masks": masks}
+
+    def width_loss(self, width: float, result, inputs: dict) -> tuple:
+        """(loss, parts to log) of one width's model output: flow matching here."""
+        return F.mse_loss(result.sample.float(), inputs["target"].float()), {}
+
+    def _forward(self, inputs: dict):
+        return self.model(inputs["x_t"], inputs["t"], inputs["states"], inputs["masks"],
+                          output_features=self.output_features)
+
+    def step(self, batch: dict) -> dict:
+        inputs = self.step_inputs(batch)
         subs = self.widths_for_step(self.global_step)
         out = {}
 
-        with self._gradient_sync(False):
-            self.supernet.set_width(1.0)
-            pred_full = self.model(x_t, t, states, masks).sample
-            loss_full = F.mse_loss(pred_full.float(), target.float())
+        with self._gradient_sync(not subs):
+            if self.sub_widths:
+                self.supernet.set_width(1.0)
+            result = self._forward(inputs)
+            loss_full, parts = self.width_loss(1.0, result, inputs)
             loss_full.backward()
         m_full = self._update_running(_key(1.0), loss_full)
         total = loss_full.detach()
         out[f"loss_{_key(1.0)}"] = loss_full.detach()
-        teacher = pred_full.detach().float()
-        del pred_full
+        out.update({f"{k}_{_key(1.0)}": v for k, v in parts.items()})
+        teacher = result.sample.detach().float()
+        del result
 
         for i, w in enumerate(subs):
-            last = i == len(subs) - 1
-            with self._gradient_sync(last):
+            with self._gradient_sync(i == len(subs) - 1):
                 self.supernet.set_width(w)
                 try:
-                    pred = self.model(x_t, t, states, masks).sample.float()
+                    result = self._forward(inputs)
                 finally:
                     self.supernet.set_width(1.0)
-                flow_loss = F.mse_loss(pred, target.float())
-                distill = F.mse_loss(pred, teacher)
-                m_w = self._update_running(_key(w), flow_loss)
+                loss_w, parts = self.width_loss(w, result, inputs)
+                distill = F.mse_loss(result.sample.float(), teacher)
+                m_w = self._update_running(_key(w), loss_w)
                 scale = m_full / m_w if self.balance == "running_mean" and m_w > 0 else 1.0
-                term = (flow_loss + self.distill_weight * distill) * (scale / len(subs))
+                term = (loss_w + self.distill_weight * distill) * (scale / len(subs))
                 term.backward()
             total = total + term.detach()
-            out[f"loss_{_key(w)}"] = flow_loss.detach()
+            out[f"loss_{_key(w)}"] = loss_w.detach()
             out[f"distill_{_key(w)}"] = distill.detach()
+            out.update({f"{k}_{_key(w)}": v for k, v in parts.items()})
         for k, v in self.running.items():
             out[f"loss_{k}_avg"] = torch.tensor(v)
         out["loss"] = total

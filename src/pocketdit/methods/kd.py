@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .base import register_method
 from ..elastic import width_key
-from .elastic import ElasticPretrain, _key
+from .elastic import ElasticPretrain
 
 WEIGHTING = ("fixed", "snapgen")
 
@@ -215,44 +215,18 @@ class KnowledgeDistillation(ElasticPretrain):
             loss = timestep_aware_scaling(self.task_weight * task, kd, alpha)
         return loss, parts
 
-    def step(self, batch: dict) -> dict:
-        x_t, t, target, states, masks = self.noisy_batch(batch)
-        teacher_out = self.teacher_targets(x_t, t, batch["caption"], masks)
+    @property
+    def output_features(self) -> bool:
+        return self.projector is not None
+
+    def step_inputs(self, batch: dict) -> dict:
+        inputs = super().step_inputs(batch)
+        x_t = inputs["x_t"]
+        inputs["teacher"] = self.teacher_targets(x_t, inputs["t"], batch["caption"], inputs["masks"])
         p = self.supernet.config.patch_size
-        grid = (x_t.shape[-2] // p, x_t.shape[-1] // p)
-        subs = self.widths_for_step(self.global_step)
-        out = {}
+        inputs["grid"] = (x_t.shape[-2] // p, x_t.shape[-1] // p)
+        return inputs
 
-        with self._gradient_sync(not subs):
-            if self.sub_widths:
-                self.supernet.set_width(1.0)
-            res = self.model(x_t, t, states, masks, output_features=self.projector is not None)
-            loss_full, parts = self.kd_losses(width_key(1.0), res.sample, res.features, target, t, teacher_out, grid)
-            loss_full.backward()
-        m_full = self._update_running(_key(1.0), loss_full)
-        total = loss_full.detach()
-        out[f"loss_{_key(1.0)}"] = loss_full.detach()
-        out.update({f"{k}_{_key(1.0)}": v for k, v in parts.items()})
-        full_v = res.sample.detach().float()
-        del res
-
-        for i, w in enumerate(subs):
-            with self._gradient_sync(i == len(subs) - 1):
-                self.supernet.set_width(w)
-                try:
-                    res = self.model(x_t, t, states, masks, output_features=self.projector is not None)
-                finally:
-                    self.supernet.set_width(1.0)
-                loss_w, parts = self.kd_losses(width_key(w), res.sample, res.features, target, t, teacher_out,
-                                               grid)
-                distill = F.mse_loss(res.sample.float(), full_v)
-                m_w = self._update_running(_key(w), loss_w)
-                scale = m_full / m_w if self.balance == "running_mean" and m_w > 0 else 1.0
-                term = (loss_w + self.distill_weight * distill) * (scale / len(subs))
-                term.backward()
-            total = total + term.detach()
-            out[f"loss_{_key(w)}"] = loss_w.detach()
-            out[f"distill_{_key(w)}"] = distill.detach()
-            out.update({f"{k}_{_key(w)}": v for k, v in parts.items()})
-        out["loss"] = total
-        return out
+    def width_loss(self, width: float, result, inputs: dict) -> tuple:
+        return self.kd_losses(width_key(width), result.sample, result.features, inputs["target"], inputs["t"],
+                              inputs["teacher"], inputs["grid"])
