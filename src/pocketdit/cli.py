@@ -1,4 +1,4 @@
-"""`pocketdit <command>`: info, train, generate, eval, train-ae, quantize, export, bench.
+"""`pocketdit <command>`: info, train, generate, eval, train-ae, demo, quantize, export, bench.
 
 Imports are lazy so that `pocketdit --help` answers at once.
 """
@@ -19,6 +19,7 @@ from .argtypes import (
     IMAGE_EXTENSIONS, ArgumentParser, CLIError, check_device, check_output_file, guidance_scale, learning_rate,
     non_negative_int, positive_float, positive_int, require_modules, seed, threads, time_shift,
 )
+from .demo import port as demo_port, run_demo  # stdlib only: gradio is imported when the demo runs
 from .utils import cli_error
 
 
@@ -566,6 +567,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the latest checkpoint in OUTPUT/train (or from the checkpoint given)")
 
+    p = sub.add_parser("demo", help="try a model in a local web page (gradio)",
+                       description="Serve a page on this machine (not a public link): prompt, model width, steps and "
+                       "seed -> image, enlarged nearest-neighbour. Needs pip install 'pocketdit[demo]'.")
+    p.add_argument("-m", "--model", default=None,
+                   help="pipeline directory, training run directory, checkpoint, or a built-in model's name "
+                   "(default: the built-in shapes-base)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=demo_port, default=7860, help="port (default: 7860; 0 = any free port)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
+    p.set_defaults(model_width=None, no_ema=False)  # the page picks the width; a checkpoint's EMA weights
+
     sub.add_parser("distill", help="distil a model to a few steps with K-DMD or DMD (see `pocketdit distill --help`)",
                    add_help=False)
     for name, help_text in (
@@ -692,7 +705,7 @@ def _run(argv: list) -> int:
         parser.print_help()
         return 0
     handlers = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "extract": cmd_extract,
-                "train-ae": cmd_train_ae}
+                "train-ae": cmd_train_ae, "demo": lambda a: run_demo(a, _pipeline_for_command)}
     return handlers[args.command](args)
 
 
