@@ -183,3 +183,22 @@ def test_negative_captions_change_one_bound_thing_in_the_same_template():
     rng = np.random.default_rng(0)
     scene = data.scene(0)
     assert corrupt_scene(scene, rng) != scene and data.scene(0) == scene  # the input is not modified
+
+
+def test_counterfactual_pairs_keep_the_layout_and_change_the_binding():
+    from pocketdit.data.shapes import ShapesDataset
+
+    data = ShapesDataset(resolution=32, length=80, seed=4, pairs=True, categories=["color_attr", "position"])
+    for i in range(12):
+        item = data[i]
+        img, pair = item["image"], item["pair_image"]
+        assert pair.shape == img.shape and not torch.equal(pair, img)
+        assert item["pair_caption"] != item["caption"]
+        ink, pair_ink = (img < 0.9).any(0), (pair < 0.9).any(0)  # non-white pixels
+        if item["meta"]["category"] == "color_attr":  # same places painted, colours swapped: same words
+            assert torch.equal(ink, pair_ink)
+            assert sorted(item["caption"].split()) == sorted(item["pair_caption"].split())
+        else:  # the objects traded places: the relation words differ, the shapes are the same
+            assert not torch.equal(ink, pair_ink)
+    batch = __import__("pocketdit.data", fromlist=["collate"]).collate([data[0], data[1]])
+    assert batch["pair_image"].shape == (2, 3, 32, 32) and len(batch["pair_caption"]) == 2

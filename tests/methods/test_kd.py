@@ -174,3 +174,20 @@ def test_contrastive_term_pushes_the_wrong_caption_loss_above_the_true_one():
     assert 0 < hinge.item() <= 0.05 + 1e-6 - out["contrast_gap"].item() + 1e-3
     out["loss"].backward()
     assert model.down_blocks[0].cross_attn.to_q.weight.grad.abs().sum() > 0
+
+
+def test_counterfactual_pairs_share_noise_and_timestep():
+    from pocketdit.methods.pretrain import FlowMatchingPretrain
+
+    method = FlowMatchingPretrain(_nano(), FakeText(), PixelSpace(), caption_dropout=0.0)
+    batch = _batch(3)
+    plain = FlowMatchingPretrain(_nano(), FakeText(), PixelSpace(), caption_dropout=0.0)
+    x_plain = plain.noisy_batch(dict(batch))[0]
+    batch["pair_image"] = -batch["image"]
+    batch["pair_caption"] = [c + "?" for c in batch["caption"]]
+    x_t, t, target, states, masks = method.noisy_batch(batch)
+    assert x_t.shape[0] == 6 and torch.equal(t[:3], t[3:])
+    noise = target + torch.cat([batch["image"], batch["pair_image"]])  # target = noise - x0
+    torch.testing.assert_close(noise[:3], noise[3:])
+    torch.testing.assert_close(states[3:], FakeText().encode(batch["pair_caption"])[0][0])
+    assert x_plain.shape[0] == 3  # without partners nothing changes

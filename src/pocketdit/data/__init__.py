@@ -40,6 +40,9 @@ def collate(samples: list[dict]) -> dict:
     }
     if all("negative_caption" in s for s in samples):
         out["negative_caption"] = [s["negative_caption"] for s in samples]
+    if all("pair_image" in s for s in samples):
+        out["pair_image"] = torch.stack([s["pair_image"] for s in samples])
+        out["pair_caption"] = [s["pair_caption"] for s in samples]
     return out
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "ShapesDataset",
     "caption_for",
     "corrupt_scene",
+    "counterfactual_scene",
     "layout_scene",
     "render_scene",
     "sample_scene",
@@ -176,6 +177,22 @@ def corrupt_scene(scene: dict, rng: np.random.Generator) -> dict:
     else:
         _check_category(category)
     return s
+
+
+def counterfactual_scene(scene: dict, rng: np.random.Generator) -> dict:
+    """The same layout with one bound thing changed in the *image*, so that its own caption differs from the
+    scene's in that one respect: ``corrupt_scene``'s change, and for ``position`` the two objects trade places
+    (the relation reverses with them); a ``counting`` scene is laid out again with another count. Rendered next
+    to the scene under the same noise, it makes a pair that only the caption's binding tells apart."""
+    cf = corrupt_scene(scene, rng)
+    if cf["category"] == "position":
+        a, b = cf["objects"][0], cf["objects"][1]
+        a["centre"], b["centre"] = b["centre"], a["centre"]
+    elif cf["category"] == "counting":
+        spec = {"category": "counting", "relation": None,
+                "objects": [{"shape": cf["objects"][0]["shape"], "colour": None, "count": len(cf["objects"])}]}
+        cf = {**layout_scene(rng, spec), **{k: v for k, v in scene.items() if k in ("seed", "index")}}
+    return cf
 
 
 def _boxes_apart(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
@@ -345,6 +362,7 @@ class ShapesDataset(Dataset):
         categories: Sequence[str] | Mapping[str, float] | None = None,
         phrasing: str = "train",
         negatives: bool = False,
+        pairs: bool = False,
     ) -> None:
         if phrasing not in PHRASINGS:
             raise ValueError(f"phrasing={phrasing!r} is not one of {PHRASINGS}")
@@ -381,6 +399,7 @@ class ShapesDataset(Dataset):
         self.categories = categories
         self.phrasing = phrasing
         self.negatives = bool(negatives)
+        self.pairs = bool(pairs)
 
     def __len__(self) -> int:
         return self.length
@@ -406,6 +425,10 @@ class ShapesDataset(Dataset):
         item = {"image": pil_to_tensor(image), "caption": self.caption(int(index)), "meta": scene}
         if self.negatives:
             item["negative_caption"] = self.negative_caption(int(index))
+        if self.pairs:
+            cf = counterfactual_scene(scene, np.random.default_rng([self.seed, scene["index"], 3]))
+            item["pair_image"] = pil_to_tensor(render_scene(cf, self.resolution))
+            item["pair_caption"] = phrase_scene(cf, np.random.default_rng([self.seed, scene["index"], 1]), self.phrasing)
         return item
 
     def negative_caption(self, index: int) -> str:
@@ -424,5 +447,5 @@ class ShapesDataset(Dataset):
         return (
             f"ShapesDataset(resolution={self.resolution}, length={self.length}, seed={self.seed}, "
             f"categories={self.category_weights or list(self.categories)}, phrasing={self.phrasing!r}"
-            f"{', negatives=True' if self.negatives else ''})"
+            f"{', negatives=True' if self.negatives else ''}{', pairs=True' if self.pairs else ''})"
         )

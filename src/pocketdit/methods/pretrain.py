@@ -123,14 +123,26 @@ class FlowMatchingPretrain(TrainingMethod):
 
     def noisy_batch(self, batch: dict):
         """(x_t, t, velocity target, text states, text masks) for a batch: latents, caption dropout, timesteps
-        and noise, all drawn from self.generator in this order."""
+        and noise, all drawn from self.generator in this order.
+
+        A batch with counterfactual partners (`pair_image`, `pair_caption`: the same layout with one bound thing
+        changed, ShapesDataset(pairs=True)) is doubled: each partner follows the batch with the same timestep and
+        noise as its item, so at high noise the two inputs are nearly equal and only the captions tell the model
+        which target is which (docs/training.md: a loss on one image cannot start binding)."""
         x0 = self.latents(batch)
-        b = x0.shape[0]
-        states, masks = self.text(batch["caption"])
+        captions = list(batch["caption"])
+        paired = "pair_image" in batch
+        if paired:
+            x0 = torch.cat([x0, self.latents({"image": batch["pair_image"]})])
+            captions += list(batch["pair_caption"])
+        b = x0.shape[0] // 2 if paired else x0.shape[0]
+        states, masks = self.text(captions)
         t = flow.sample_timesteps(
             b, None, self.generator, mean=self.logit_mean, std=self.logit_std, shift=self.shift
         ).to(x0.device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
+        noise = torch.randn((b, *x0.shape[1:]), generator=self.generator).to(x0.device)
+        if paired:
+            t, noise = torch.cat([t, t]), torch.cat([noise, noise])
         x_t = flow.add_noise(x0, noise, t)
         target = flow.velocity_target(x0, noise)
         if len(states) == 1:
