@@ -39,12 +39,13 @@ def test_dmd_then_kdmd_write_few_step_pipelines(tmp_path, capsys):
 
     kdmd = tmp_path / "kdmd"
     args = ["distill", "--method", "kdmd", "--teacher", str(base), "--few-step-teacher", str(dmd), "--steps", "2",
-            "-o", str(kdmd), *NANO, *SMALL_LORA, "--train.checkpoint_every", "2"]
+            "-o", str(kdmd), *NANO, *SMALL_LORA, "--train.checkpoint_every", "2", "--train.sample_every", "2"]
     assert main([*args, "--iterations", "2"]) == 0
     assert main([*args, "--iterations", "4", "--resume", "auto"]) == 0
     records = [json.loads(x) for x in (kdmd / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any("kd_out" in r and "kd_feat" in r for r in records)
+    assert (kdmd / "train" / "samples" / "step-0000002.png").is_file()  # sample grids of the LoRA student
     image = tmp_path / "img.png"
     assert main(["generate", "a red circle", "-m", str(kdmd), "-o", str(image), "--seed", "1"]) == 0
     assert image.is_file()

@@ -516,7 +516,12 @@ class Trainer:
         if not self.dist.is_main:
             return None
         if self._sample_model is None:
-            self._sample_model = self.model_cls.from_config(self.model_config).to(self.dist.device)
+            if getattr(self.model, "_hf_peft_config_loaded", False):  # LoRA adapters (K-DMD): the same structure
+                import copy
+
+                self._sample_model = copy.deepcopy(self.model).to(self.dist.device)
+            else:
+                self._sample_model = self.model_cls.from_config(self.model_config).to(self.dist.device)
         self._sample_model.load_state_dict(state)
         return self._sample_model.eval()
 
