@@ -314,6 +314,7 @@ class Trainer:
             self._truncate_metrics(metrics_path, self.step)
         run_losses: dict[int, float] = {}
         window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+        window_extra: dict = {}
         batches = self._batches()
         try:
             while self.step < tcfg.steps:
@@ -349,6 +350,10 @@ class Trainer:
                 run_losses[self.step] = value
                 window_loss += value
                 window_n += 1
+                for k, v in out.items():
+                    if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                        total, n = window_extra.get(k, (0.0, 0))
+                        window_extra[k] = (total + float(v), n + 1)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
@@ -360,13 +365,14 @@ class Trainer:
                         "samples_per_sec": window_n * _batch_len(batch) * self.dist.world_size / dt if dt > 0 else None,
                         "time": time.time(),
                     }
-                    for k, v in out.items():
-                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
-                            record[k] = float(v)
+                    # each extra metric's mean over the window's steps that reported it (a method may report some
+                    # only every few steps: K-DMD's student terms, its watchdogs)
+                    record.update({k: total / n for k, (total, n) in window_extra.items()})
                     if self.dist.is_main:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
                     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                    window_extra = {}
                 if tcfg.sample_every and self.step % tcfg.sample_every == 0:
                     self.save_samples()
                 if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.steps:
