@@ -167,12 +167,7 @@ def cmd_distill(argv: Sequence[str]) -> int:
     out = Path(args.output)
     if args.resume is None:
         check_output_dir(out, "-o", overwrite=args.overwrite)
-    from .checkpoints import builtin_model_path, builtin_models
-
-    def resolve(spec):
-        return str(builtin_model_path(spec)) if spec and not Path(spec).exists() and spec in builtin_models() else spec
-
-    teacher, student = resolve(args.teacher), resolve(args.student)
+    teacher, student = (None if spec is None else resolve_model_argument(spec) for spec in (args.teacher, args.student))
     try:
         flags = distill_overrides(args.method, student, teacher, args.few_step_teacher, args.steps, args.width,
                                   args.iterations, out)

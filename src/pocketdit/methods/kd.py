@@ -160,13 +160,6 @@ class KnowledgeDistillation(ElasticPretrain):
 
         if isinstance(spec, Teacher):
             return spec
-        from pathlib import Path
-
-        if not Path(str(spec)).expanduser().exists():
-            from ..checkpoints import builtin_model_path, builtin_models
-
-            if str(spec) in builtin_models():
-                spec = builtin_model_path(str(spec))
         torch_dtype = None if dtype in (None, "float32") else getattr(torch, str(dtype), None)
         if dtype not in (None, "float32") and not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"method.teacher_dtype={dtype!r} is not a torch dtype (float32, float16, bfloat16)")

@@ -320,18 +320,13 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, noise, captions, net=None):
-        """The student's few-step samples (latents) from `noise` for `captions`, guidance 1."""
+    def generate(self, noise, captions):
+        """The student's few-step samples (latents) from `noise` for `captions`, guidance 1: its whole schedule."""
         states, masks = self._encode_cached(list(captions))
         states, masks = [s.to(noise.device) for s in states], [m.to(noise.device) for m in masks]
         if len(states) == 1:
             states, masks = states[0], masks[0]
-        net = self.student if net is None else net
-        x = noise
-        for i in range(self.num_steps):
-            s, s_next = self.sigmas[i].to(x.device), self.sigmas[i + 1].to(x.device)
-            x = x + (s_next - s) * self._velocity(net, x, s, states, masks)
-        return x
+        return self.simulate(noise, self.num_steps, states, masks)
 
     @torch.no_grad()
     def watch(self, latent_shape) -> dict:

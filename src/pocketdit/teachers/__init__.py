@@ -41,10 +41,16 @@ __all__ = [
 
 def load_teacher(spec, width=None, device=None, dtype=None, kind=None):
     """A teacher from a local path: a PocketDiT run/checkpoint/pipeline, or a diffusers pipeline directory
-    (model_index.json naming one of the supported transformers). `kind` forces an adapter by name."""
+    (model_index.json naming one of the supported transformers), or the name of a built-in model
+    (pocketdit.checkpoints). `kind` forces an adapter by name."""
     from pathlib import Path
 
     p = Path(str(spec)).expanduser()
+    if not p.exists():
+        from ..checkpoints import builtin_model_path, builtin_models
+
+        if str(spec) in builtin_models():
+            p = builtin_model_path(str(spec))
     if not p.exists():
         raise FileNotFoundError(f"teacher not found: {p} (pass a PocketDiT run, checkpoint or pipeline directory, or a "
                                 "local diffusers pipeline directory)")
