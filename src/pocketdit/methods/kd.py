@@ -67,6 +67,17 @@ def outlier_mask(features: torch.Tensor, num_std: float = 2.0) -> torch.Tensor:
     return ((flat - mean).abs() <= num_std * std).view_as(features)
 
 
+def feature_kd(projector, key: str, features, grid: tuple, teacher_out, feature_norm: bool = True,
+               mask_std: float = 0.0) -> torch.Tensor:
+    """Per-sample || P_key(f_student) - LN(f_teacher) ||^2 on the teacher's token grid (optionally masked to the
+    teacher entries within mean +- mask_std std): the feature term of KD and of K-DMD."""
+    target = teacher_out.features
+    if feature_norm:
+        target = F.layer_norm(target, target.shape[-1:])
+    mask = outlier_mask(target, mask_std) if mask_std > 0 else None
+    return per_sample_mse(projector(key, features, grid, teacher_out.feature_grid), target, mask)
+
+
 class FeatureProjector(nn.Module):
     """One Linear per student width: the student's final-layer tokens (d_w) -> the teacher's feature width."""
 
@@ -193,12 +204,7 @@ class KnowledgeDistillation(ElasticPretrain):
         kd = self.out_weight * out_kd
         parts = {"task": task.mean().detach(), "kd_out": out_kd.mean().detach()}
         if self.projector is not None:
-            tf = teacher_out.features
-            if self.feature_norm:
-                tf = F.layer_norm(tf, tf.shape[-1:])
-            mask = outlier_mask(tf, self.feature_mask_std) if self.feature_mask_std > 0 else None
-            proj = self.projector(key, feats, grid, teacher_out.feature_grid)
-            feat_kd = per_sample_mse(proj, tf, mask)
+            feat_kd = feature_kd(self.projector, key, feats, grid, teacher_out, self.feature_norm, self.feature_mask_std)
             kd = kd + self.feat_weight * feat_kd
             parts["kd_feat"] = feat_kd.mean().detach()
         if self.weighting == "fixed":

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .. import flow
 from ..elastic import select_width
 from .base import register_method
-from .kd import FeatureProjector, per_sample_mse
+from .kd import FeatureProjector, feature_kd, per_sample_mse
 from .pretrain import FlowMatchingPretrain
 
 RATIO_MODES = ("dmd2", "fastgen")
@@ -299,10 +299,9 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
                 loss = loss + self.out_weight * loss_out
                 out["kd_out"] = loss_out.detach()
                 if feats_wanted:
-                    tf = F.layer_norm(fst.features, fst.features.shape[-1:]) if self.feature_norm else fst.features
                     p = self.student.config.patch_size
                     grid = (x_t.shape[-2] // p, x_t.shape[-1] // p)
-                    loss_feat = per_sample_mse(self.projector("1", f, grid, fst.feature_grid), tf).mean()
+                    loss_feat = feature_kd(self.projector, "1", f, grid, fst, self.feature_norm).mean()
                     loss = loss + self.feat_weight * loss_feat
                     out["kd_feat"] = loss_feat.detach()
             loss.backward()
