@@ -202,6 +202,42 @@ def cmd_distill(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_teacher_cache(argv: Sequence[str]) -> int:
+    """`pocketdit teacher-cache [config] --teacher T -o DIR [--steps N] [--section.key value ...]`: record a KD
+    teacher's answers (velocity and features) along the data/noise stream a `pocketdit train [config] --method kd`
+    run with the same config and overrides will see, so that students trained with `--method.teacher_cache DIR`
+    read them instead of running the teacher (docs/distillation.md)."""
+    from .config import ConfigError, load_config
+    from .distillation import record_teacher_cache
+
+    p = ArgumentParser(prog="pocketdit teacher-cache", description=cmd_teacher_cache.__doc__)
+    p.add_argument("--teacher", required=True, help="run, checkpoint, pipeline, built-in name or diffusers pipeline "
+                   "directory")
+    p.add_argument("-o", "--output", required=True, help="cache directory (an existing one is checked and extended)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps to record (default: train.steps)")
+    args, rest = p.parse_known_args(list(argv))
+    try:
+        train_args, overrides = _split_train_argv(rest)
+    except ValueError as e:
+        return cli_error(str(e))
+    flags = ["--method.name", "kd", "--method.teacher", resolve_model_argument(args.teacher),
+             "--method.teacher_cache", str(args.output)]
+    if args.steps is not None:
+        flags += ["--train.steps", str(args.steps)]
+    try:
+        cfg = load_config(train_args.config, flags + list(overrides))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        return cli_error(str(e))
+    from .trainer import build_trainer
+
+    trainer = build_trainer(cfg)
+    computed = record_teacher_cache(trainer)
+    if trainer.dist.is_main:
+        print(f"teacher cache {args.output}: {cfg.train.steps} steps ({computed} computed now); train students with "
+              f"--method kd --method.teacher_cache {args.output} and the same data/seed/schedule settings")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # generate
 # ----------------------------------------------------------------------------------------------------
@@ -576,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("distill", help="distil a model to a few steps with K-DMD or DMD (see `pocketdit distill --help`)",
                    add_help=False)
+    sub.add_parser("teacher-cache", help="record a KD teacher's answers for later students (see `pocketdit "
+                   "teacher-cache --help`)", add_help=False)
     for name, help_text in (
         ("quantize", "quantize a model (see `pocketdit quantize --help`)"),
         ("export", "export to ExecuTorch / Core ML / ONNX (see `pocketdit export --help`)"),
@@ -689,6 +727,8 @@ def _run(argv: list) -> int:
     parser = build_parser()
     if argv and argv[0] == "distill":
         return cmd_distill(argv[1:])
+    if argv and argv[0] == "teacher-cache":
+        return cmd_teacher_cache(argv[1:])
     if argv and argv[0] == "train" and not any(a in ("-h", "--help") for a in argv[1:]):
         try:
             args, overrides = _split_train_argv(argv[1:])

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 DISTILL_METHODS = ("kdmd", "dmd")
 
 # Settings where distillation differs from pretraining unless the user overrides them (DMD2 / SnapGen++).
@@ -89,3 +91,38 @@ def write_distilled_pipeline(trainer, output: Path, resolution: int) -> Path:
         os.replace(item, target)
     shutil.rmtree(staged, ignore_errors=True)
     return output
+
+
+def record_teacher_cache(trainer, progress: bool = True) -> int:
+    """Walk the trainer's data/noise stream for `train.steps` steps and record the KD teacher's answers in its
+    `method.teacher_cache`, without training the student (`pocketdit teacher-cache`). Steps already recorded are
+    checked and skipped, so an interrupted recording resumes; returns how many steps were computed."""
+    from .teachers.cache import TeacherCache
+
+    method = trainer.method
+    cache = getattr(method, "cache", None)
+    if not isinstance(cache, TeacherCache) or method.teacher is None:
+        raise ValueError("recording a teacher cache needs method.name: kd with method.teacher and method.teacher_cache")
+    rank = trainer.dist.rank
+    steps = trainer.tcfg.steps
+    bar = None
+    if progress and trainer.dist.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="teacher cache", dynamic_ncols=True)
+    computed = 0
+    batches = trainer._batches()
+    try:
+        for step in range(steps):
+            _, _, _, batch = next(batches)
+            method.global_step = step
+            fresh = (step, rank) not in cache
+            with torch.no_grad():
+                method.step_inputs(batch)  # the student's noisy batch; the teacher runs (and is recorded) if fresh
+            computed += int(fresh)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return computed

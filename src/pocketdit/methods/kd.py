@@ -25,6 +25,7 @@ balance); on a plain model it is one width.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from typing import Optional
 
@@ -111,6 +112,9 @@ class KnowledgeDistillation(ElasticPretrain):
         alpha_min, alpha_max, alpha_std: the snapgen profile a(t).
         feature_mask_std: mask teacher feature entries beyond this many std (0 = no mask).
         feature_norm: layer-normalise the teacher features before matching (DiT features have a few huge channels).
+        teacher_cache: a directory of the teacher's recorded answers for this run's data/noise stream
+            (teachers/cache.py): steps found there are read instead of running the teacher, steps not found are run
+            and recorded. Without `teacher` the cache alone serves (a missing step is then an error).
     """
 
     requires_supernet = False
@@ -136,12 +140,14 @@ class KnowledgeDistillation(ElasticPretrain):
         feature_mask_std: float = 0.0,
         feature_norm: bool = True,
         teacher_cache_size: int = 20000,
+        teacher_cache: Optional[str] = None,
         **elastic_options,
     ):
         super().__init__(model, text_conditioner, autoencoder, **elastic_options)
-        if teacher is None:
+        if teacher is None and teacher_cache is None:
             raise ValueError("method.name: kd needs a teacher: --method.teacher PATH (a PocketDiT run, checkpoint or "
-                             "pipeline, a built-in model name, or a local diffusers pipeline directory)")
+                             "pipeline, a built-in model name, or a local diffusers pipeline directory), or a recorded "
+                             "--method.teacher_cache DIR")
         if weighting not in WEIGHTING:
             raise ValueError(f"method.weighting={weighting!r} is not one of {WEIGHTING}")
         for name, v in (("task_weight", task_weight), ("out_weight", out_weight), ("feat_weight", feat_weight),
@@ -151,11 +157,30 @@ class KnowledgeDistillation(ElasticPretrain):
         if not (0 <= alpha_min <= alpha_max <= 1) or not alpha_std > 0:
             raise ValueError(f"need 0 <= alpha_min <= alpha_max <= 1 and alpha_std > 0, got {alpha_min}, {alpha_max}, "
                              f"{alpha_std}")
-        self.teacher = self._load_teacher(teacher, teacher_width, teacher_device, teacher_dtype, teacher_cache_size)
-        from ..teachers import check_latent_space
+        from ..teachers import check_latent_space, latent_space_signature
 
-        check_latent_space(self.teacher, autoencoder, shared_autoencoder)
+        # Loading a teacher may draw from the global RNG (a model built, then its weights loaded); it must not move
+        # the draws that follow (the projectors' init), so a run on a teacher cache inits as one with the teacher.
+        with torch.random.fork_rng(devices=[]):
+            self.teacher = None if teacher is None else self._load_teacher(teacher, teacher_width, teacher_device,
+                                                                           teacher_dtype, teacher_cache_size)
+        if self.teacher is not None:
+            check_latent_space(self.teacher, autoencoder, shared_autoencoder)
         self.teacher_guidance = float(teacher_guidance)
+        self.cache = None
+        if teacher_cache is not None:
+            self.cache = self._open_cache(teacher_cache, teacher, teacher_width, teacher_dtype, feat_weight > 0)
+            recorded = self.cache.identity.get("latent_space")
+            if not shared_autoencoder and recorded != latent_space_signature(autoencoder):
+                from ..teachers import LatentSpaceMismatchError
+
+                raise LatentSpaceMismatchError(
+                    f"the teacher cache {teacher_cache} was recorded on the latents of autoencoder {recorded}, the "
+                    f"student is trained on {latent_space_signature(autoencoder)} (method.shared_autoencoder: true "
+                    "if they are the same autoencoder saved differently)")
+            if feat_weight > 0 and self.cache.feature_dim is None:
+                raise ValueError(f"the teacher cache {teacher_cache} holds no features; set method.feat_weight 0 or "
+                                 "record a cache with feature KD on")
         self.weighting = weighting
         self.task_weight, self.out_weight, self.feat_weight = float(task_weight), float(out_weight), float(feat_weight)
         self.alpha = (float(alpha_min), float(alpha_max), float(alpha_std))
@@ -163,7 +188,8 @@ class KnowledgeDistillation(ElasticPretrain):
         self.feature_norm = bool(feature_norm)
         d = model.config.hidden_size
         dims = {width_key(w): int(round(w * d)) for w in (*self.sub_widths, 1.0)}
-        self.projector = FeatureProjector(dims, self.teacher.feature_dim) if self.feat_weight > 0 else None
+        feature_dim = self.teacher.feature_dim if self.teacher is not None else self.cache.feature_dim
+        self.projector = FeatureProjector(dims, feature_dim) if self.feat_weight > 0 else None
 
     @staticmethod
     def _load_teacher(spec, width, device, dtype, cache_size):
@@ -179,12 +205,33 @@ class KnowledgeDistillation(ElasticPretrain):
             teacher.cache_size = int(cache_size)
         return teacher
 
+    def _open_cache(self, directory, spec, width, dtype, features: bool):
+        """The TeacherCache at `directory`, checked against (or, when new, labelled with) this teacher's setting."""
+        from ..teachers import latent_space_signature
+        from ..teachers.cache import FORMAT, TeacherCache
+
+        if self.teacher is None:
+            return TeacherCache(directory)
+        if isinstance(spec, (str, os.PathLike)) and os.path.exists(spec):
+            spec = os.path.realpath(spec)
+        identity = {
+            "format": FORMAT,
+            "teacher": spec if isinstance(spec, (str, os.PathLike)) else type(spec).__name__,
+            "teacher_kind": type(self.teacher).__name__,
+            "teacher_width": width,
+            "guidance_scale": self.teacher_guidance,
+            "dtype": str(dtype or "float32"),
+            "feature_dim": self.teacher.feature_dim if features else None,
+            "latent_space": latent_space_signature(self.teacher.autoencoder),
+        }
+        return TeacherCache(directory, {k: str(v) if isinstance(v, os.PathLike) else v for k, v in identity.items()})
+
     def extra_modules(self) -> dict:
         return {"projector": self.projector} if self.projector is not None else {}
 
     def to(self, device):
         super().to(device)
-        if self.teacher.run_device is None:
+        if self.teacher is not None and self.teacher.run_device is None:
             self.teacher.to(device)
         return self
 
@@ -195,7 +242,23 @@ class KnowledgeDistillation(ElasticPretrain):
         ms = masks if isinstance(masks, (list, tuple)) else [masks]
         kept = torch.stack([m.any(dim=1) for m in ms]).any(dim=0).tolist()
         prompts = [c if k else None for c, k in zip(captions, kept)]
-        return self.teacher(x_t, t, prompts, guidance_scale=self.teacher_guidance, output_features=self.projector is not None)
+        features = self.projector is not None
+        if self.cache is not None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            out = self.cache.get(self.global_step, rank, x_t, t, prompts, need_features=features)
+            if out is not None:
+                return out
+            if self.teacher is None:
+                from ..teachers.cache import TeacherCacheError
+
+                raise TeacherCacheError(
+                    f"the teacher cache {self.cache.directory} has no entry for step {self.global_step} (rank {rank}; "
+                    f"it holds {len(self.cache)}); give --method.teacher too to compute missing steps, or record "
+                    "more with `pocketdit teacher-cache`")
+        out = self.teacher(x_t, t, prompts, guidance_scale=self.teacher_guidance, output_features=features)
+        if self.cache is not None:
+            out = self.cache.put(self.global_step, rank, x_t, t, prompts, out)
+        return out
 
     def kd_losses(self, key, pred, feats, target, t, teacher_out, grid):
         """Per-width combined loss and its logged parts."""
