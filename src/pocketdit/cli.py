@@ -281,27 +281,69 @@ def _pipeline_for_command(args):
         return cli_error(str(e))
 
 
+def _lite_for_command(args):
+    """The torch-free pipeline (pocketdit.lite) when `--runtime` allows it and the model and request fit it; None
+    to use the eager pipeline. `--runtime lite` makes a misfit an error instead of a fallback."""
+    if args.runtime == "torch":
+        return None
+    from .lite import LitePipeline, LiteUnavailable, has_lite
+
+    path = Path(resolve_model_argument(args.model))
+    misfit = []
+    if not has_lite(path):
+        misfit.append(f"{path} has no torch-free graphs (lite/; see pocketdit.export.lite)")
+    if args.device not in ("auto", "cpu"):
+        misfit.append(f"--device {args.device}")
+    if args.shift is not None:
+        misfit.append("--shift")
+    if args.no_ema:
+        misfit.append("--no-ema")
+    lite = None
+    if not misfit:
+        try:
+            lite = LitePipeline(path, threads=args.threads or None)
+        except LiteUnavailable as e:
+            misfit.append(str(e))
+    if lite is not None:
+        size = lite.meta["resolution"]
+        h, w = args.height or args.size or size, args.width or args.size or size
+        if (h, w) != (size, size):
+            misfit.append(f"a {h}x{w} image (the graphs are {size}x{size})")
+        if args.model_width is not None and float(args.model_width) not in lite.widths:
+            misfit.append(f"--model-width {args.model_width:g} (exported: {', '.join(f'{x:g}' for x in lite.widths)})")
+    if misfit:
+        if args.runtime == "lite":
+            raise CLIError("--runtime lite cannot run this: " + "; ".join(misfit))
+        return None
+    return lite
+
+
 def cmd_generate(args) -> int:
     from PIL import Image
 
-    from .model import InvalidResolutionError
-    from .pipeline import make_grid
+    from .utils import make_grid
 
     check_output_file(args.output, "-o", IMAGE_EXTENSIONS)
-    pipe = _pipeline_for_command(args)
-    if isinstance(pipe, int):
-        return pipe
-    size = args.size
-    if args.shift is not None:  # the shift lives in the scheduler's config
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
-    try:
-        images = pipe(
-            args.prompts * args.num_images, num_inference_steps=args.steps, guidance_scale=args.guidance,
-            height=args.height or size, width=args.width or size,
-            seed=[args.seed + i for i in range(len(args.prompts) * args.num_images)],
-        ).images
-    except InvalidResolutionError as e:
-        return cli_error(str(e))
+    prompts = args.prompts * args.num_images
+    seeds = [args.seed + i for i in range(len(prompts))]
+    lite = _lite_for_command(args)
+    if lite is not None:  # the torch-free path: same images as the eager pipeline (checked when it was written)
+        images = [Image.fromarray(lite(p, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=s,
+                                       width=args.model_width)) for p, s in zip(prompts, seeds)]
+    else:
+        from .model import InvalidResolutionError
+
+        pipe = _pipeline_for_command(args)
+        if isinstance(pipe, int):
+            return pipe
+        size = args.size
+        if args.shift is not None:  # the shift lives in the scheduler's config
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
+        try:
+            images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          height=args.height or size, width=args.width or size, seed=seeds).images
+        except InvalidResolutionError as e:
+            return cli_error(str(e))
     if args.upscale > 1:  # nearest-neighbour, so a 32 px model's pixels stay visible as pixels
         images = [im.resize((im.width * args.upscale, im.height * args.upscale), Image.NEAREST) for im in images]
     out = Path(args.output)
@@ -538,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this width of an elastic supernet, e.g. 0.5 (--width is the image's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=threads, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--runtime", choices=["auto", "lite", "torch"], default="auto",
+                   help="auto: the torch-free path (onnxruntime + numpy, the same images) when the model ships it and "
+                   "the request fits it, else PyTorch; lite / torch: force one")
 
     p = sub.add_parser(
         "eval", help="ShapesEval (GenEval-style) on a model; FID on emoji when asked",

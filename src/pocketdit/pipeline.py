@@ -67,6 +67,7 @@ from . import quantize as _quantize
 from . import text as _text  # noqa: F401
 from .checkpoint import CheckpointError, load_checkpoint_weights, resolve_checkpoint
 from .text import encode_prompts
+from .utils import make_grid  # noqa: F401  (torch-free; re-exported here where it always lived)
 
 __all__ = ["PocketDiTPipeline", "ImagePipelineOutput", "make_scheduler", "make_grid", "tensor_to_pil"]
 
@@ -90,26 +91,6 @@ def tensor_to_pil(images: torch.Tensor):
 
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     return [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x]
-
-
-def make_grid(images, ncols: Optional[int] = None, scale: int = 1, pad: int = 2):
-    """Tile PIL images into one PIL image (nearest-neighbour upscaled by `scale`, white padding)."""
-    from PIL import Image
-
-    if not images:
-        raise ValueError("make_grid needs at least one image")
-    n = len(images)
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    w, h = images[0].size
-    w, h = w * scale, h * scale
-    grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), (255, 255, 255))
-    for i, im in enumerate(images):
-        if scale != 1:
-            im = im.resize((w, h), Image.NEAREST)
-        r, c = divmod(i, ncols)
-        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
 
 
 def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:

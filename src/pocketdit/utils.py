@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 
 def dir_fingerprint(model_dir: Path) -> str:
@@ -74,3 +76,23 @@ def read_json(path) -> object:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a JSON text file") from None
+
+
+def make_grid(images, ncols: Optional[int] = None, scale: int = 1, pad: int = 2):
+    """Tile PIL images into one PIL image (nearest-neighbour upscaled by `scale`, white padding)."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    n = len(images)
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        if scale != 1:
+            im = im.resize((w, h), Image.NEAREST)
+        r, c = divmod(i, ncols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
