@@ -139,3 +139,27 @@ def test_watchdog_logs_statistics_and_stops_on_drift():
     m.global_step = 1
     with pytest.raises(LatentDriftError, match="darkening"):
         m.step(_batch(2))
+
+
+def test_feature_term_starts_at_zero_when_the_few_step_teacher_is_the_student():
+    """Identity projector + normalised student tokens: a student whose few-step teacher is its own starting model
+    has no feature loss to follow at the start (a random projector would start it at the features' scale)."""
+    from pocketdit.methods.kd import FeatureProjector, feature_kd
+
+    student = _nano()
+    teacher = PocketDiTTeacher(copy.deepcopy(student), FakeText(), PixelSpace())
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([0.9, 0.5])
+    states, masks = FakeText().encode(["a", "bb"])
+    f = student(x, t, states[0], masks[0], output_features=True).features
+    out = teacher(x, t, ["a", "bb"], output_features=True)
+    grid = out.feature_grid
+    ident = FeatureProjector({"1": f.shape[-1]}, out.features.shape[-1], init="identity")
+    assert feature_kd(ident, "1", f, grid, out, student_norm=True).max() < 1e-8
+    rand = FeatureProjector({"1": f.shape[-1]}, out.features.shape[-1])
+    assert feature_kd(rand, "1", f, grid, out, student_norm=True).min() > 0.1
+    half = FeatureProjector({"1": 4}, 6, init="identity")  # a narrower student: its channels onto the first ones
+    assert torch.equal(half.proj["1"].weight, torch.eye(6, 4))
+    m = _kdmd(projector_init="random")
+    assert not torch.equal(m.projector.proj["1"].weight, torch.eye(*m.projector.proj["1"].weight.shape))
+    assert torch.equal(_kdmd().projector.proj["1"].weight, torch.eye(*m.projector.proj["1"].weight.shape))

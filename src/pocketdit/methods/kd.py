@@ -69,22 +69,37 @@ def outlier_mask(features: torch.Tensor, num_std: float = 2.0) -> torch.Tensor:
 
 
 def feature_kd(projector, key: str, features, grid: tuple, teacher_out, feature_norm: bool = True,
-               mask_std: float = 0.0) -> torch.Tensor:
+               mask_std: float = 0.0, student_norm: bool = False) -> torch.Tensor:
     """Per-sample || P_key(f_student) - LN(f_teacher) ||^2 on the teacher's token grid (optionally masked to the
-    teacher entries within mean +- mask_std std): the feature term of KD and of K-DMD."""
+    teacher entries within mean +- mask_std std): the feature term of KD and of K-DMD. `student_norm` normalises
+    the projected student tokens too, so a student whose features are the teacher's own (K-DMD: the few-step
+    teacher is the student's starting model plus a LoRA) starts at zero loss with an identity projector."""
     target = teacher_out.features
     if feature_norm:
         target = F.layer_norm(target, target.shape[-1:])
     mask = outlier_mask(target, mask_std) if mask_std > 0 else None
-    return per_sample_mse(projector(key, features, grid, teacher_out.feature_grid), target, mask)
+    pred = projector(key, features, grid, teacher_out.feature_grid)
+    if student_norm:
+        pred = F.layer_norm(pred, pred.shape[-1:])
+    return per_sample_mse(pred, target, mask)
 
 
 class FeatureProjector(nn.Module):
-    """One Linear per student width: the student's final-layer tokens (d_w) -> the teacher's feature width."""
+    """One Linear per student width: the student's final-layer tokens (d_w) -> the teacher's feature width.
 
-    def __init__(self, student_dims: dict, teacher_dim: int):
+    init "random" is nn.Linear's; "identity" starts each projector at eye(D, d_w) and zero bias: channel i of the
+    student onto channel i of the teacher, which is where a width cut from the teacher's own supernet keeps them."""
+
+    def __init__(self, student_dims: dict, teacher_dim: int, init: str = "random"):
         super().__init__()
+        if init not in ("random", "identity"):
+            raise ValueError(f"projector init must be 'random' or 'identity', got {init!r}")
         self.proj = nn.ModuleDict({key: nn.Linear(d, teacher_dim) for key, d in student_dims.items()})
+        if init == "identity":
+            with torch.no_grad():
+                for lin in self.proj.values():
+                    lin.weight.copy_(torch.eye(*lin.weight.shape))
+                    lin.bias.zero_()
 
     def forward(self, key: str, features: torch.Tensor, student_grid: tuple, teacher_grid: tuple) -> torch.Tensor:
         y = self.proj[key](features)

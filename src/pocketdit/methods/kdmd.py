@@ -98,6 +98,11 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         tau_min, tau_max: re-noising times, uniform (DMD2: 0.02-0.98).
         simulation: "last" (no gradient through the simulated steps) or "full" (through every one).
         feature_norm: layer-normalise the few-step teacher's features before matching.
+        projector_init, student_norm: the feature projector starts as the identity ("identity") or at random
+            ("random"), and the projected student tokens are layer-normalised too (student_norm). The few-step
+            teacher is the student's own starting model plus a LoRA, so with both the feature term starts near 0;
+            a random projector (KD's default) starts it at the scale of the features and, at weight 1, its
+            gradient swamps the DMD term's (docs/kdmd.md: 0.46 against plain DMD's 0.55 at 4 steps).
         watch_every, watch_images, drift_bound: the watchdogs (0 = off).
     """
 
@@ -129,6 +134,8 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         tau_max: float = 0.98,
         simulation: str = "last",
         feature_norm: bool = True,
+        projector_init: str = "identity",
+        student_norm: bool = True,
         watch_every: int = 0,
         watch_images: int = 8,
         drift_bound: float = 0.5,
@@ -190,7 +197,9 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         self.feature_norm = bool(feature_norm)
         self.projector = None
         if self.few_step_teacher is not None and self.feat_weight > 0:
-            self.projector = FeatureProjector({"1": base.config.hidden_size}, self.few_step_teacher.feature_dim)
+            self.projector = FeatureProjector({"1": base.config.hidden_size}, self.few_step_teacher.feature_dim,
+                                              init=projector_init)
+        self.student_norm = bool(student_norm)
         self.watch_every, self.watch_images, self.drift_bound = int(watch_every), int(watch_images), float(drift_bound)
         self._reference = None  # the teacher's latent mean on the watchdog seeds
         self._watch_captions: list = []
@@ -301,7 +310,8 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
                 if feats_wanted:
                     p = self.student.config.patch_size
                     grid = (x_t.shape[-2] // p, x_t.shape[-1] // p)
-                    loss_feat = feature_kd(self.projector, "1", f, grid, fst, self.feature_norm).mean()
+                    loss_feat = feature_kd(self.projector, "1", f, grid, fst, self.feature_norm,
+                                           student_norm=self.student_norm).mean()
                     loss = loss + self.feat_weight * loss_feat
                     out["kd_feat"] = loss_feat.detach()
             loss.backward()
