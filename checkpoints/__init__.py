@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL", "builtin_models", "builtin_model_path"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_WIDTH_MODELS", "builtin_models", "builtin_model_path", "default_width_models"]
 
 # The model `pocketdit generate` uses without -m: the shapes base until a distilled default replaces it.
 DEFAULT_MODEL = "shapes-base"
+# The default's widths: each width is a model of its own (distilled separately), chosen by --model-width without -m.
+DEFAULT_WIDTH_MODELS = {1.0: DEFAULT_MODEL}
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -32,3 +34,9 @@ def builtin_model_path(name: str = DEFAULT_MODEL) -> Path:
             "training run or checkpoint directory"
         )
     return path
+
+
+def default_width_models() -> dict:
+    """{width: directory} of the default model's widths that are installed, widest first."""
+    return {w: _ROOT / name for w, name in sorted(DEFAULT_WIDTH_MODELS.items(), reverse=True)
+            if (_ROOT / name / "model_index.json").is_file()}

@@ -281,6 +281,36 @@ def _pipeline_for_command(args):
         return cli_error(str(e))
 
 
+def _demo_pipeline(args):
+    """The demo's pipeline; without -m it also carries the default model's other widths (`width_models`), each
+    a distilled model of its own, for the page's width choice."""
+    default = args.model is None
+    pipe = _pipeline_for_command(args)
+    if default and not isinstance(pipe, int):
+        from .checkpoints import default_width_models
+
+        models = default_width_models()
+        if len(models) > 1:
+            first = Path(resolve_model_argument(None)).resolve()
+            pipe.width_models = {w: pipe.transformer if p.resolve() == first
+                                 else _load_pipeline(str(p), args.device, True).transformer for w, p in models.items()}
+    return pipe
+
+
+def _default_width_model(args) -> None:
+    """Without -m, --model-width picks the default model's distilled model of that width (each width of the default
+    is a model of its own); with -m it cuts that width out of the user's supernet, as before."""
+    if args.model is not None or getattr(args, "model_width", None) is None:
+        return
+    from .checkpoints import default_width_models
+
+    models = default_width_models()
+    width = float(args.model_width)
+    if width not in models:
+        raise CLIError(f"--model-width {width:g}: the default model comes in widths {', '.join(f'{w:g}' for w in models)}")
+    args.model, args.model_width = str(models[width]), None
+
+
 def _lite_for_command(args):
     """The torch-free pipeline (pocketdit.lite) when `--runtime` allows it and the model and request fit it; None
     to use the eager pipeline. `--runtime lite` makes a misfit an error instead of a fallback."""
@@ -324,6 +354,7 @@ def cmd_generate(args) -> int:
     from .utils import make_grid
 
     check_output_file(args.output, "-o", IMAGE_EXTENSIONS)
+    _default_width_model(args)
     prompts = args.prompts * args.num_images
     seeds = [args.seed + i for i in range(len(prompts))]
     lite = _lite_for_command(args)
@@ -785,7 +816,7 @@ def _run(argv: list) -> int:
         parser.print_help()
         return 0
     handlers = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "extract": cmd_extract,
-                "train-ae": cmd_train_ae, "demo": lambda a: run_demo(a, _pipeline_for_command)}
+                "train-ae": cmd_train_ae, "demo": lambda a: run_demo(a, _demo_pipeline)}
     return handlers[args.command](args)
 
 

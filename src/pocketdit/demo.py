@@ -34,8 +34,9 @@ def port(text: str) -> int:
 
 
 def model_widths(pipe) -> list[float]:
-    """The widths the page offers: an elastic supernet's, widest first; 1.0 for a plain model."""
-    widths = getattr(pipe.transformer, "elastic_widths", None) or (1.0,)
+    """The widths the page offers: the separate models of `pipe.width_models` when the loader attached them (the
+    built-in default's distilled widths), else an elastic supernet's; widest first; 1.0 for a plain model."""
+    widths = getattr(pipe, "width_models", None) or getattr(pipe.transformer, "elastic_widths", None) or (1.0,)
     return sorted({float(w) for w in widths}, reverse=True)
 
 
@@ -52,7 +53,7 @@ def make_generate(pipe) -> Callable:
     from .elastic import select_width
 
     full = pipe.transformer
-    models = {w: select_width(full, w) for w in model_widths(pipe)}
+    models = dict(getattr(pipe, "width_models", None) or {w: select_width(full, w) for w in model_widths(pipe)})
     lock = threading.Lock()
 
     def generate(prompt, model_width=1.0, steps=None, seed=0):
