@@ -153,12 +153,22 @@ def test_generate_from_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_generate_without_model_uses_the_builtin_base(tmp_path):
+def test_generate_without_model_uses_the_builtin_default(tmp_path):
+    import numpy as np
     from PIL import Image
 
-    out = tmp_path / "out.png"  # the README's main command, at 2 steps
-    assert main(["generate", "two red circles above a blue square", "-o", str(out), "--steps", "2"]) == 0
+    out = tmp_path / "out.png"  # the README's main command: the 4-step default, torch-free path
+    assert main(["generate", "two red circles above a blue square", "-o", str(out), "--threads", "1"]) == 0
     assert Image.open(out).size == (32, 32)
+    eager = tmp_path / "eager.png"
+    assert main(["generate", "two red circles above a blue square", "-o", str(eager), "--runtime", "torch",
+                 "--threads", "1"]) == 0
+    a, b = (np.asarray(Image.open(p)).astype(int) for p in (out, eager))
+    assert np.abs(a - b).max() <= 1  # the same picture on both paths
+    half = tmp_path / "half.png"  # the default's other width is its own distilled model
+    assert main(["generate", "a red circle", "-o", str(half), "--model-width", "0.5", "--threads", "1"]) == 0
+    assert Image.open(half).size == (32, 32)
+    assert main(["generate", "a red circle", "-o", str(half), "--model-width", "0.25"]) == 2
 
 
 def test_generate_without_model_names_the_missing_builtin(tmp_path, capsys, monkeypatch):
@@ -167,7 +177,7 @@ def test_generate_without_model_names_the_missing_builtin(tmp_path, capsys, monk
     monkeypatch.setattr(builtin, "_ROOT", tmp_path)  # an install without built-in weights
     assert main(["generate", "x", "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert "built-in model 'shapes-base' is not installed" in err and "-m" in err
+    assert f"built-in model '{builtin.DEFAULT_MODEL}' is not installed" in err and "-m" in err
     assert not (tmp_path / "o.png").exists()
 
 

@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out.png", help="output PNG (several images: a grid, or -NNN files)")
     p.add_argument("-m", "--model", default=None,
                    help="pipeline directory, training run directory, checkpoint, or a built-in model's name "
-                   "(default: the built-in shapes-base)")
+                   "(default: the built-in 4-step shapes-4step; --model-width 0.5 its half-width model)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=guidance_scale, default=None,
                    help="classifier-free guidance scale (1 = off)")
@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "seed -> image, enlarged nearest-neighbour. Needs pip install 'pocketdit[demo]'.")
     p.add_argument("-m", "--model", default=None,
                    help="pipeline directory, training run directory, checkpoint, or a built-in model's name "
-                   "(default: the built-in shapes-base)")
+                   "(default: the built-in 4-step shapes-4step; --model-width 0.5 its half-width model)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=demo_port, default=7860, help="port (default: 7860; 0 = any free port)")
     p.add_argument("--device", default="auto")
