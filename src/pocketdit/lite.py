@@ -93,7 +93,7 @@ def flow_sigmas(num_steps: int, shift: float) -> np.ndarray:
 # MiniLM (BERT) in numpy
 # ----------------------------------------------------------------------------------------------------
 def _erf(x: np.ndarray) -> np.ndarray:
-    # Abramowitz & Stegun 7.1.26 refined by one Newton step on erf's derivative: error < 1e-7 in float32 use
+    # Abramowitz & Stegun 7.1.26: absolute error < 1.5e-7 (numpy has no erf; BERT's GELU is the exact erf form)
     t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
     y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * np.exp(-x * x)
     return np.sign(x) * y
@@ -184,21 +184,29 @@ class MiniLMNumpy:
 # The pipeline
 # ----------------------------------------------------------------------------------------------------
 class LitePipeline:
-    """Generate with a pipeline directory's `lite/` graphs (see the module docstring)."""
+    """Generate with a pipeline directory's `lite/` graphs (see the module docstring). `folder` names another
+    folder of the same layout (the builder checks a staged one before it becomes `lite/`)."""
 
-    def __init__(self, path, threads: Optional[int] = None):
+    def __init__(self, path, threads: Optional[int] = None, folder: str = LITE_DIR):
         self.path = Path(path)
-        meta_path = self.path / LITE_DIR / "lite.json"
+        self.folder = self.path / folder
+        meta_path = self.folder / "lite.json"
         if not meta_path.is_file():
-            raise LiteUnavailable(f"{self.path} has no {LITE_DIR}/lite.json")
+            raise LiteUnavailable(f"{self.path} has no {folder}/lite.json")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != LITE_FORMAT:
             raise LiteUnavailable(f"{meta_path}: format {self.meta.get('format')!r}, this version reads {LITE_FORMAT}")
         if self.meta.get("text_encoder") != "minilm" or self.meta.get("autoencoder") != "pixel":
             raise LiteUnavailable("the torch-free path runs MiniLM-conditioned pixel-space models only")
         self.threads = threads
-        self.text = MiniLMNumpy(self.meta["text_length"])
+        self._text: Optional[MiniLMNumpy] = None  # loaded on the first image: a caller may still decline the path
         self._sessions: dict = {}
+
+    @property
+    def text(self) -> MiniLMNumpy:
+        if self._text is None:
+            self._text = MiniLMNumpy(self.meta["text_length"])
+        return self._text
 
     @property
     def widths(self) -> list[float]:
@@ -220,7 +228,7 @@ class LitePipeline:
             if self.threads:
                 opts.intra_op_num_threads = int(self.threads)
                 opts.inter_op_num_threads = 1
-            graph = self.path / LITE_DIR / self.meta["graphs"][key]
+            graph = self.folder / self.meta["graphs"][key]
             self._sessions[key] = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         return self._sessions[key]
 

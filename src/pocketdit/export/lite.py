@@ -120,12 +120,8 @@ def write_lite(pipeline_dir, widths: Optional[Sequence[float]] = None, default_w
     (staging / "lite.json").write_text(json.dumps(meta, indent=2))
 
     # parity: whole generations, eager pipeline vs the staged lite folder
-    staged_root = root / (LITE_DIR + ".check")
-    shutil.rmtree(staged_root, ignore_errors=True)
-    staged_root.mkdir()
     try:
-        (staged_root / LITE_DIR).symlink_to(staging.resolve(), target_is_directory=True)
-        lite = LitePipeline(staged_root, threads=threads)
+        lite = LitePipeline(root, threads=threads, folder=staging.name)
         parity = {}
         for w in widths:
             pipe.transformer = select_width(model, w)
@@ -147,7 +143,6 @@ def write_lite(pipeline_dir, widths: Optional[Sequence[float]] = None, default_w
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        shutil.rmtree(staged_root, ignore_errors=True)
         pipe.transformer = model
     meta["parity_vs_eager"] = {"prompts": list(prompts), "seeds": list(seeds), "steps": meta["default_steps"],
                                "guidance": meta["default_guidance"], "widths": parity}

@@ -227,11 +227,13 @@ class KnowledgeDistillation(ElasticPretrain):
 
         if self.teacher is None:
             return TeacherCache(directory)
-        if isinstance(spec, (str, os.PathLike)) and os.path.exists(spec):
-            spec = os.path.realpath(spec)
+        if isinstance(spec, (str, os.PathLike)):
+            source = os.path.realpath(spec) if os.path.exists(spec) else os.fspath(spec)
+        else:  # a Teacher object
+            source = type(spec).__name__
         identity = {
             "format": FORMAT,
-            "teacher": spec if isinstance(spec, (str, os.PathLike)) else type(spec).__name__,
+            "teacher": source,
             "teacher_kind": type(self.teacher).__name__,
             "teacher_width": width,
             "guidance_scale": self.teacher_guidance,
@@ -239,7 +241,7 @@ class KnowledgeDistillation(ElasticPretrain):
             "feature_dim": self.teacher.feature_dim if features else None,
             "latent_space": latent_space_signature(self.teacher.autoencoder),
         }
-        return TeacherCache(directory, {k: str(v) if isinstance(v, os.PathLike) else v for k, v in identity.items()})
+        return TeacherCache(directory, identity)
 
     def extra_modules(self) -> dict:
         return {"projector": self.projector} if self.projector is not None else {}
