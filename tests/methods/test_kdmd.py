@@ -163,3 +163,53 @@ def test_feature_term_starts_at_zero_when_the_few_step_teacher_is_the_student():
     m = _kdmd(projector_init="random")
     assert not torch.equal(m.projector.proj["1"].weight, torch.eye(*m.projector.proj["1"].weight.shape))
     assert torch.equal(_kdmd().projector.proj["1"].weight, torch.eye(*m.projector.proj["1"].weight.shape))
+
+
+def _ode_kdmd(**kw):
+    for k, v in (("lora_rank", 4), ("lora_alpha", 8), ("critic_lora_rank", 4), ("critic_lora_alpha", 8)):
+        kw.setdefault(k, v)
+    return KnowledgeGuidedDMD(_nano(), FakeText(), PixelSpace(), teacher=_teacher(), **kw)
+
+
+def test_ode_teacher_is_the_teachers_own_guided_sampler():
+    """ode_teacher_steps: from t = 1 the target is exactly the teacher's N-step guided Euler sampler; from a later t
+    it continues on the same schedule's times below t. The teacher keeps its own shift when the student's differs."""
+    m = _ode_kdmd(ode_teacher_steps=6, teacher_guidance=2.0, shift=2.0, teacher_shift=3.0)
+    torch.testing.assert_close(m.sigmas, flow.timestep_schedule(4, 2.0))
+    captions = ["a", "bb"]
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def fn(x, t, cond):
+        return m.teacher(x, t, captions if cond else [None, None]).velocity
+
+    x0 = flow.euler_sample(fn, noise, 6, shift=3.0, guidance_scale=2.0)
+    out = m.teacher_ode(noise, torch.ones(2), captions)
+    torch.testing.assert_close(noise - out.velocity, x0, atol=1e-5, rtol=1e-5)  # t = 1: x0 = x_t - v
+    times = flow.timestep_schedule(6, 3.0).tolist()
+    x_mid = flow.euler_sample(fn, noise, 6, shift=3.0, guidance_scale=2.0, timesteps=times[:3])
+    t_mid = torch.full((2,), times[2])
+    later = m.teacher_ode(x_mid, t_mid, captions)
+    torch.testing.assert_close(flow.predict_x0(x_mid, later.velocity, t_mid), x0, atol=1e-5, rtol=1e-5)
+    off = m.teacher_ode(noise, torch.full((2,), 0.8), captions, output_features=True)  # 0.8 is not on the schedule
+    assert off.features is not None and torch.isfinite(off.velocity).all()
+    with pytest.raises(ValueError, match="one time"):
+        m.teacher_ode(noise, torch.tensor([1.0, 0.5]), captions)
+
+
+def test_kdmd_with_the_ode_teacher_trains_the_student_and_is_checked():
+    m = _ode_kdmd(ode_teacher_steps=4)
+    m.global_step = 0
+    out = m.step(_batch(2))
+    assert {"dmd_loss", "kd_out", "kd_feat"} <= set(out) and out["kd_out"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.student.named_parameters() if "lora_B" in n)
+    assert all(p.grad is None for p in m.teacher.parameters())
+    assert m.projector.proj["1"].weight.shape[0] == m.teacher.feature_dim
+    with pytest.raises(ValueError, match="not both"):
+        _ode_kdmd(ode_teacher_steps=4, few_step_teacher=_teacher(1))
+    with pytest.raises(ValueError, match="ode_teacher_steps must be"):
+        _ode_kdmd(ode_teacher_steps=-1)
+    with pytest.raises(ValueError, match="teacher_shift must be"):
+        _ode_kdmd(ode_teacher_steps=4, teacher_shift=0.0)
+    assert _ode_kdmd(ode_teacher_steps=4, shift=2.0).teacher_shift == 2.0  # default: the student's
+    with pytest.raises(ValueError, match="no few-step teacher"):
+        DistributionMatchingDistillation(_nano(), FakeText(), PixelSpace(), teacher=_teacher(), ode_teacher_steps=4)

@@ -14,6 +14,9 @@ One training iteration (spec 6.5), in PocketDiT units (x_t = (1 - t) x0 + t nois
                          L_dmd = 0.5 || x0_hat - sg(x0_hat - g) ||^2    (its gradient w.r.t. x0_hat is g)
                          + out_weight || v_student - v_fst ||^2 + feat_weight || P(f_student) - LN(f_fst) ||^2
                          with the few-step teacher (fst) on the same x_t and t, 1:1:1 by default (K-DMD).
+                         The few-step teacher is a separate few-step model, or (ode_teacher_steps > 0) the real
+                         teacher itself solving its guided ODE from x_t to 0: v_fst = (x_t - x0_ode) / t, the target
+                         of DMD's regression loss and of consistency distillation, on the student's own x_t.
 
 `--method dmd` is the same class without the few-step-teacher terms (plain DMD, the baseline the paper never ran).
 
@@ -86,8 +89,15 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
             diffusers pipeline directory or a Teacher. Defaults to the student's own starting model.
         teacher_guidance: the teacher's guidance scale (paper 4), with its own rule.
         teacher_width: a width of a supernet teacher.
-        few_step_teacher: a few-step teacher (e.g. a full-width PocketDiT distilled with plain DMD); required for
-            kdmd, not accepted by dmd. It runs at guidance 1 on the student's x_t.
+        few_step_teacher: a few-step teacher (e.g. a full-width PocketDiT distilled with plain DMD); kdmd needs it
+            or ode_teacher_steps, dmd accepts neither. It runs at guidance 1 on the student's x_t.
+        ode_teacher_steps: > 0 makes the real teacher the few-step teacher: from the student's x_t it integrates
+            its guided ODE (teacher_guidance) to 0 with Euler steps on its own schedule of this many steps (those
+            below t), and the output term matches v to (x_t - x0_ode) / t; its features are those of its first
+            (conditional) step. Costs about ode_teacher_steps * t guided teacher calls per student update.
+        teacher_shift: the teacher's own sampling shift (its ODE target and the watchdog's reference samples);
+            default: the student's `shift`. They differ when the student's few-step schedule is not the teacher's
+            (docs/kdmd.md: this base samples better at 4 steps with shift 2 than with the paper's 3).
         width: the width of a supernet student to distil (it is cut out as a standalone model first).
         num_steps, shift: the student's schedule: shift(linspace(1, 0, num_steps + 1))[:-1] (paper 4 steps, shift 3:
             1.0, 0.9, 0.75, 0.5).
@@ -118,6 +128,8 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         teacher_guidance: float = 4.0,
         teacher_width: Optional[float] = None,
         few_step_teacher=None,
+        ode_teacher_steps: int = 0,
+        teacher_shift: Optional[float] = None,
         width: Optional[float] = None,
         num_steps: int = 4,
         shift: float = 3.0,
@@ -161,10 +173,16 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
                         ("teacher_guidance", teacher_guidance), ("drift_bound", drift_bound)):
             if not (math.isfinite(float(v)) and float(v) >= 0):
                 raise ValueError(f"method.{name} must be a finite number >= 0, got {v!r}")
-        if self.needs_few_step_teacher and few_step_teacher is None:
+        if isinstance(ode_teacher_steps, bool) or int(ode_teacher_steps) != ode_teacher_steps or ode_teacher_steps < 0:
+            raise ValueError(f"method.ode_teacher_steps must be an integer >= 0, got {ode_teacher_steps!r}")
+        ode_teacher_steps = int(ode_teacher_steps)
+        if few_step_teacher is not None and ode_teacher_steps:
+            raise ValueError("give either method.few_step_teacher or method.ode_teacher_steps, not both")
+        if self.needs_few_step_teacher and few_step_teacher is None and not ode_teacher_steps:
             raise ValueError("method.name: kdmd needs a few-step teacher (--method.few_step_teacher PATH, e.g. a model "
-                             "distilled with method.name: dmd); without one, use method.name: dmd")
-        if not self.needs_few_step_teacher and few_step_teacher is not None:
+                             "distilled with method.name: dmd, or --method.ode_teacher_steps N for the teacher's own "
+                             "ODE solution); without one, use method.name: dmd")
+        if not self.needs_few_step_teacher and (few_step_teacher is not None or ode_teacher_steps):
             raise ValueError("method.name: dmd has no few-step teacher; use method.name: kdmd for K-DMD")
 
         base = select_width(model, width)
@@ -188,6 +206,10 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         if self.few_step_teacher is not None:
             check_latent_space(self.few_step_teacher, autoencoder, shared_autoencoder)
         self.teacher_guidance = float(teacher_guidance)
+        self.ode_teacher_steps = ode_teacher_steps
+        if teacher_shift is not None and not (math.isfinite(float(teacher_shift)) and float(teacher_shift) > 0):
+            raise ValueError(f"method.teacher_shift must be a number > 0, got {teacher_shift!r}")
+        self.teacher_shift = float(shift if teacher_shift is None else teacher_shift)
         self.num_steps = int(num_steps)
         self.sigmas = flow.timestep_schedule(self.num_steps, float(shift))  # N + 1 values, 1 ... 0
         self.student_update_every, self.ratio_mode = int(student_update_every), ratio_mode
@@ -196,13 +218,17 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         self.simulation = simulation
         self.feature_norm = bool(feature_norm)
         self.projector = None
-        if self.few_step_teacher is not None and self.feat_weight > 0:
-            self.projector = FeatureProjector({"1": base.config.hidden_size}, self.few_step_teacher.feature_dim,
-                                              init=projector_init)
+        if self.has_few_step_teacher and self.feat_weight > 0:
+            fst = self.few_step_teacher if self.few_step_teacher is not None else self.teacher
+            self.projector = FeatureProjector({"1": base.config.hidden_size}, fst.feature_dim, init=projector_init)
         self.student_norm = bool(student_norm)
         self.watch_every, self.watch_images, self.drift_bound = int(watch_every), int(watch_images), float(drift_bound)
         self._reference = None  # the teacher's latent mean on the watchdog seeds
         self._watch_captions: list = []
+
+    @property
+    def has_few_step_teacher(self) -> bool:
+        return self.few_step_teacher is not None or self.ode_teacher_steps > 0
 
     @staticmethod
     def _add_lora(model, name: str, rank: int, alpha: float):
@@ -302,8 +328,12 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
             loss = self.dmd_weight * loss_dmd
             out["dmd_loss"] = loss_dmd.detach()
             out["dmd_grad_norm"] = g.flatten(1).norm(dim=1).mean()
-            if self.few_step_teacher is not None:
-                fst = self.few_step_teacher(x_t.detach(), t, captions, guidance_scale=1.0, output_features=feats_wanted)
+            if self.has_few_step_teacher:
+                if self.few_step_teacher is not None:
+                    fst = self.few_step_teacher(x_t.detach(), t, captions, guidance_scale=1.0,
+                                                output_features=feats_wanted)
+                else:
+                    fst = self.teacher_ode(x_t.detach(), t, captions, output_features=feats_wanted)
                 loss_out = per_sample_mse(v, fst.velocity).mean()
                 loss = loss + self.out_weight * loss_out
                 out["kd_out"] = loss_out.detach()
@@ -320,6 +350,29 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         if self.watch_every and self.global_step % self.watch_every == 0:
             out.update(self.watch(shape[1:]))
         return out
+
+    @torch.no_grad()
+    def teacher_ode(self, x_t, t, captions, output_features: bool = False):
+        """The real teacher as few-step teacher: its guided ODE from (x_t, t) to 0, as the velocity (x_t - x0) / t.
+
+        Euler steps at t and at the times of its own `ode_teacher_steps`-step schedule below t (so from t = 1 it is
+        exactly the teacher's sampler); features, when asked, are those of its first step."""
+        from ..teachers import TeacherOutput
+
+        t0 = float(t[0])
+        if not torch.all(t == t0) or t0 <= 0:
+            raise ValueError("teacher_ode takes one time > 0 for the whole batch (backward simulation draws one step)")
+        below = [s for s in flow.timestep_schedule(self.ode_teacher_steps, self.teacher_shift).tolist() if s < t0 - 1e-6]
+        times = [t0] + below
+        cond = self.teacher.encode_prompts(list(captions))
+        x, first = x_t, None
+        for i in range(len(times) - 1):
+            out = self.teacher(x, torch.full_like(t, times[i]), cond=cond, guidance_scale=self.teacher_guidance,
+                               output_features=output_features and i == 0)
+            first = out if first is None else first
+            x = x + (times[i + 1] - times[i]) * out.velocity
+        velocity = (x_t.float() - x.float()) / t0
+        return TeacherOutput(velocity, first.features, first.feature_grid)
 
     def _latent_hw(self, batch):
         if "latents" in batch:
@@ -354,7 +407,7 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         if self._reference is None:
             ref = flow.euler_sample(
                 lambda x, t, cond: self.teacher(x, t, captions if cond else [None] * n).velocity,
-                noise, 28, shift=self.shift, guidance_scale=self.teacher_guidance,
+                noise, 28, shift=self.teacher_shift, guidance_scale=self.teacher_guidance,
             )
             self._reference = float(ref.mean())
         mean = float(lat.mean())
