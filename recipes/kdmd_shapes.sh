@@ -12,6 +12,8 @@
 #     SHIFT=2 ROOT=runs/kdmd_s2 gives the shift-2 rows of docs/kdmd.md
 #   METHODS (default "dmd kdmd"; add kdmd_ode for K-DMD whose few-step teacher is the teacher's own ODE solution)
 #   ROOT (default runs/kdmd): where the runs go
+#   DISTILL_ARGS: more `pocketdit distill` flags for every run, after the defaults (e.g. "--method.lora_rank 0
+#     --method.critic_lora_rank 0" trains every weight of student and critic)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:-full}
@@ -30,6 +32,8 @@ COMMON=(configs/shapes_pixel32.yaml --teacher "$TEACHER" --student "$STUDENT" --
         --method.teacher_guidance 3 --method.lora_rank 32 --method.lora_alpha 64 --method.critic_lora_rank 32
         --method.critic_lora_alpha 64 --train.sample_every 200 --train.checkpoint_every 100 --resume auto
         --schedule.shift "$SHIFT" --method.teacher_shift 3 --method.watch_every 50)
+read -r -a EXTRA <<< "${DISTILL_ARGS:-}"
+COMMON+=("${EXTRA[@]}")
 WIDTH_ARGS=()
 [ "$WIDTH" = "1.0" ] || WIDTH_ARGS=(--width "$WIDTH")
 
@@ -70,6 +74,7 @@ python - "$OUT/eval" <<'PY'
 import json, pathlib, sys
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(p.read_text())
+    r = r.get("shapes_eval", r)  # pocketdit eval's report holds ShapesEval's under "shapes_eval"
     g, s = r["scores"]["geneval"]["overall"], r["scores"]["strict"]["overall"]
     print(f"{p.stem:8s} {g['mean']:.3f} [{g['lo']:.2f}, {g['hi']:.2f}]  strict {s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
 PY
