@@ -47,13 +47,11 @@ stage supernet "$SUPERNET/checkpoint-0001000/trainer_state.json" taskset -c "$CP
 #    at 4M parameters it is cheap, and it scored 0.594 against LoRA rank 32's 0.573); the student's schedule is
 #    shift 2 for the full width and 1 for the half (the teacher keeps its 3): the undistilled base samples better
 #    at 4 steps with them than with the paper's sigmas (docs/kdmd.md, second round).
-start=$SECONDS
 FULL_PARAMS="--method.lora_rank 0 --method.critic_lora_rank 0"
 DISTILL_ARGS=$FULL_PARAMS METHODS=dmd STEPS_LIST=4 SHIFT=${FULL_SHIFT:-2} ROOT="$OUT/kdmd" \
   bash recipes/kdmd_shapes.sh full "$BASE" 1.0
 DISTILL_ARGS=$FULL_PARAMS METHODS=dmd STEPS_LIST=4 SHIFT=${HALF_SHIFT:-1} ROOT="$OUT/kdmd" \
   bash recipes/kdmd_shapes.sh half "$SUPERNET/checkpoint-0001000" 0.5
-echo "distillation (both widths, with evals): $((SECONDS - start)) s" >> "$OUT/times.txt"
 
 # 3. palettize (4-bit k-means, sensitive layers 8-bit, 4.6 bits on average: the full-parameter DMD student loses
 #    0.026 at 4.3 bits / 500 steps and 0.010 at 4.6 / 1000) + self-distillation, scored against fp32; 4. torch-free graphs;
@@ -71,4 +69,4 @@ for tag in full half; do
   stage "eval-$tag" "$OUT/eval-$tag.json" taskset -c "$CPU" pocketdit eval -m "$INSTALL_DIR/$name" --steps 4 --guidance 1 \
     --threads 1 --output "$OUT/eval-$tag.json"
 done
-cat "$OUT/times.txt"
+cat "$OUT/times.txt" "$OUT"/kdmd/*/times.txt  # the distillations' times are kdmd_shapes.sh's, per width
