@@ -65,11 +65,9 @@ for steps in ${STEPS_LIST:-4 2 1}; do
   done
 done
 # the student's own many-step and undistilled few-step samples (guidance 3, as it was trained to sample)
-STUDENT_WIDTH=()
-[ "$WIDTH" = "1.0" ] || STUDENT_WIDTH=(--width "$WIDTH")
-score base28 "$STUDENT" 28 3 "${STUDENT_WIDTH[@]}"
-score base4 "$STUDENT" 4 3 "${STUDENT_WIDTH[@]}"
-[ "$SHIFT" = 3 ] || score "base4_s$SHIFT" "$STUDENT" 4 3 --shift "$SHIFT" "${STUDENT_WIDTH[@]}"
+score base28 "$STUDENT" 28 3 "${WIDTH_ARGS[@]}"
+score base4 "$STUDENT" 4 3 "${WIDTH_ARGS[@]}"
+[ "$SHIFT" = 3 ] || score "base4_s$SHIFT" "$STUDENT" 4 3 --shift "$SHIFT" "${WIDTH_ARGS[@]}"
 python - "$OUT/eval" <<'PY'
 import json, pathlib, sys
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):

@@ -176,6 +176,8 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
         if isinstance(ode_teacher_steps, bool) or int(ode_teacher_steps) != ode_teacher_steps or ode_teacher_steps < 0:
             raise ValueError(f"method.ode_teacher_steps must be an integer >= 0, got {ode_teacher_steps!r}")
         ode_teacher_steps = int(ode_teacher_steps)
+        if teacher_shift is not None and not (math.isfinite(float(teacher_shift)) and float(teacher_shift) > 0):
+            raise ValueError(f"method.teacher_shift must be a number > 0, got {teacher_shift!r}")
         if few_step_teacher is not None and ode_teacher_steps:
             raise ValueError("give either method.few_step_teacher or method.ode_teacher_steps, not both")
         if self.needs_few_step_teacher and few_step_teacher is None and not ode_teacher_steps:
@@ -207,8 +209,6 @@ class KnowledgeGuidedDMD(FlowMatchingPretrain):
             check_latent_space(self.few_step_teacher, autoencoder, shared_autoencoder)
         self.teacher_guidance = float(teacher_guidance)
         self.ode_teacher_steps = ode_teacher_steps
-        if teacher_shift is not None and not (math.isfinite(float(teacher_shift)) and float(teacher_shift) > 0):
-            raise ValueError(f"method.teacher_shift must be a number > 0, got {teacher_shift!r}")
         self.teacher_shift = float(shift if teacher_shift is None else teacher_shift)
         self.num_steps = int(num_steps)
         self.sigmas = flow.timestep_schedule(self.num_steps, float(shift))  # N + 1 values, 1 ... 0
