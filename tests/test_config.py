@@ -99,3 +99,12 @@ def test_method_shorthand_is_method_name():
     from pocketdit.config import parse_overrides
 
     assert parse_overrides(["--method", "kd", "--method.teacher", "runs/t"]) == {"method": {"name": "kd", "teacher": "runs/t"}}
+
+
+def test_bare_no_is_the_no_choice_not_false():
+    # YAML reads `--train.mixed_precision no` as false; the setting's own word is meant
+    assert load_config(None, ["--train.mixed_precision", "no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.output_dir: expected a string"):
+        load_config(None, ["--train.output_dir", "no"])
+    with pytest.raises(ConfigError, match="train.attention_backend: must be one of"):
+        load_config(None, ["--train.attention_backend", "fast"])

@@ -145,6 +145,20 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_set_attention_backend_reaches_every_sparse_layer_and_keeps_the_output():
+    torch.manual_seed(0)
+    model = randomize(PocketDiT.from_preset("nano"))
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        auto = model(x, t, ctx).sample
+        model.set_attention_backend("reference")
+        layers = [m for m in model.modules() if hasattr(m, "backend")]
+        assert layers and all(m.backend == "reference" for m in layers)
+        torch.testing.assert_close(model(x, t, ctx).sample, auto, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        model.set_attention_backend("fast")
+
+
 def test_features_are_the_last_up_tokens(nano):
     x, t, ctx = inputs()
     with torch.no_grad():

@@ -245,6 +245,15 @@ def test_gradient_checkpointing_gives_the_same_losses_and_bf16_runs(tmp_path):
     assert all(abs(bf16[k] - plain[k]) < 0.05 * plain[k] for k in plain)  # same maths, bf16 rounding
 
 
+def test_attention_backend_option_sets_the_kernel_and_is_checked(tmp_path):
+    _, plain = run(tmp_path / "a", 2)
+    trainer, ref = run(tmp_path / "b", 2, "--train.attention_backend", "reference")
+    assert {m.backend for m in trainer.model.modules() if hasattr(m, "backend")} == {"reference"}
+    assert all(abs(ref[k] - plain[k]) < 1e-4 * plain[k] for k in plain)
+    with pytest.raises(ValueError, match="train.attention_backend"):
+        run(tmp_path / "c", 1, "--train.attention_backend", "fast")
+
+
 def test_text_cache_gives_identical_losses(tmp_path):
     _, plain = run(tmp_path / "a", 4, method=make_method())
     _, cached = run(tmp_path / "b", 4, method=make_method(text_cache_size=3))
@@ -360,3 +369,18 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     record = json.loads((tmp_path / "config_changes.jsonl").read_text())
     assert record["changes"] == {"optim.lr": [0.002, 0.001]}
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.001
+
+
+def test_text_cache_states_do_not_depend_on_the_batch_that_brought_a_caption():
+    from pocketdit.text import build_text_conditioner, encode_prompts
+
+    conditioner = build_text_conditioner(["minilm"], max_lengths=[12])
+    model = PocketDiT.from_preset("nano", in_channels=3, text_embed_dims=(384,))
+    first, second = (FlowMatchingPretrain(model, conditioner, PixelSpace(), text_cache_size=100) for _ in range(2))
+    with torch.no_grad():
+        a, _ = first._encode_cached(["a red circle", "two blue squares"])
+        b, _ = second._encode_cached(["a green triangle", "a red circle"] + [f"{n} circles" for n in range(70)])
+        alone, _ = encode_prompts(conditioner, ["a red circle"])
+    assert torch.equal(a[0][0], b[0][1])  # same chunk shape, other companions: the same bits
+    torch.testing.assert_close(a[0][0], alone[0][0], atol=1e-5, rtol=1e-5)  # another shape: kernel rounding only
+    assert len(second._text_cache) == 72

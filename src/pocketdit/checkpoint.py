@@ -263,11 +263,11 @@ def prune_checkpoints(output_dir: Path, keep_last: int, keep: Optional[Path] = N
 
 
 # Keys a resumed run may change without --allow-config-change: how long, where, how often to log and sample,
-# and how many CPU threads. Anything else changes what is trained, so it must be asked for.
+# how many CPU threads, which attention kernel (same math). Anything else changes what is trained, so it must be asked for.
 RESUME_SAFE_KEYS = frozenset({
     "train.steps", "train.output_dir", "train.resume", "train.overwrite", "train.allow_config_change",
     "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.num_threads",
-    "train.progress", "train.sample_prompts", "train.sample_steps", "train.sample_guidance", "data.num_workers",
+    "train.progress", "train.attention_backend", "train.sample_prompts", "train.sample_steps", "train.sample_guidance", "data.num_workers",
 })
 RUN_FILES = ("config.json", "metrics.jsonl", "latest", "loss.png", "samples", "config_changes.jsonl")
 

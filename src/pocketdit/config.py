@@ -125,6 +125,9 @@ class TrainSection:
     # "auto" = on when training on CUDA; true/false force it.
     gradient_checkpointing: Union[bool, str] = "auto"
     compile: bool = False
+    # BNA/ASSA implementation (PocketDiT.set_attention_backend): "auto" = FlexAttention on CUDA; "strided" is
+    # faster there for small token counts (no compile per shape)
+    attention_backend: str = "auto"
     # "auto" = DDP when launched with torchrun and more than one process; "none", "ddp", "fsdp".
     distributed: str = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -231,6 +234,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if value is False and "no" in _CHOICES.get(key, ()):  # YAML reads a bare `no` as false
+            return "no"
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if tp is list or origin is list:
         if isinstance(value, (list, tuple)):
@@ -371,6 +376,11 @@ def _validate_values(cfg: TrainConfig) -> None:
     for p in drops:
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
             raise ConfigError(f"text.dropout: probabilities must be in [0, 1], got {cfg.text.dropout!r}")
+    from .attention.backends import available_backends
+
+    backends = ("auto", "reference") + tuple(available_backends())
+    if cfg.train.attention_backend not in backends:
+        raise ConfigError(f"train.attention_backend: must be one of {backends}, got {cfg.train.attention_backend!r}")
     if not isinstance(cfg.train.gradient_checkpointing, bool) and cfg.train.gradient_checkpointing != "auto":
         raise ConfigError(
             f"train.gradient_checkpointing: must be true, false or 'auto', got {cfg.train.gradient_checkpointing!r}"

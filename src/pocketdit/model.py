@@ -433,6 +433,23 @@ class PocketDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             context = ref(context, mask)
         return context, mask
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Pick the BNA/ASSA implementation of every Down/Up attention layer (diffusers' method name).
+
+        "auto" (the default: FlexAttention on CUDA, `strided` elsewhere, the reference while exporting), "reference"
+        or a name from `pocketdit.attention.backends.available_backends()`. Small token counts train faster on a
+        GPU with "strided" (plain SDPA) than with FlexAttention, which compiles once per shape.
+        """
+        from .attention.backends import available_backends
+        from .attention.layers import SelfAttention
+
+        choices = ("auto", "reference") + tuple(available_backends())
+        if backend not in choices:
+            raise ValueError(f"unknown attention backend {backend!r}; choose from {choices}")
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.backend = backend
+
     def _run(self, block, *args):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *args)

@@ -156,6 +156,10 @@ class Trainer:
         model = method.model
         self.model_cls = type(model)
         self.model_config = dict(model.config) if hasattr(model, "config") else {}
+        if self.tcfg.attention_backend != "auto":
+            if not hasattr(model, "set_attention_backend"):
+                raise ValueError(f"{type(model).__name__} has no set_attention_backend")
+            model.set_attention_backend(self.tcfg.attention_backend)
         model.to(device)
         method.to(device)
         model.train()

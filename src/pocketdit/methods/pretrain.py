@@ -22,6 +22,9 @@ from .. import flow
 from ..text import caption_dropout, caption_dropout_probs, encode_prompts
 from .base import TrainingMethod, register_method
 
+# Prompts the text cache encodes at once (cache misses, padded to this many).
+TEXT_ENCODE_CHUNK = 64
+
 
 @register_method("pretrain")
 class FlowMatchingPretrain(TrainingMethod):
@@ -106,11 +109,17 @@ class FlowMatchingPretrain(TrainingMethod):
             return encode_prompts(self.text_conditioner, prompts)
         cache = self._text_cache
         missing = list(dict.fromkeys(p for p in prompts if p not in cache))
-        for p in missing:
-            # One prompt at a time: a caption's states then never depend on which batch first brought it in,
-            # so a resumed run (empty cache) sees bit-identical text states.
-            states, masks = encode_prompts(self.text_conditioner, [p])
-            cache[p] = ([s[0].cpu() for s in states], [m[0].cpu() for m in masks])
+        for i in range(0, len(missing), TEXT_ENCODE_CHUNK):
+            # Fixed-shape chunks (the last one padded with copies of its last prompt): a caption's states then do
+            # not depend on which batch first brought it in (rows of a fixed-shape matmul are independent), so a
+            # resumed run (empty cache) sees bit-identical text states. One prompt at a time would be too, but on a GPU
+            # its kernel launches cost more than the training step.
+            chunk = missing[i : i + TEXT_ENCODE_CHUNK]
+            padded = chunk + [chunk[-1]] * (TEXT_ENCODE_CHUNK - len(chunk))
+            states, masks = encode_prompts(self.text_conditioner, padded)
+            states, masks = [s.cpu() for s in states], [m.cpu() for m in masks]
+            for j, p in enumerate(chunk):
+                cache[p] = ([s[j].clone() for s in states], [m[j].clone() for m in masks])
         for p in prompts:
             cache.move_to_end(p)
         rows = [cache[p] for p in prompts]
