@@ -8,6 +8,8 @@
 # at its last checkpoint (one every eighth of its steps). Then pick the better one with ShapesEval (docs/training.md, "GPU continuation").
 #
 #   BUDGET=420 bash recipes/shapes_base_gpu.sh          # ROOT=runs/base_gpu, PY=python3
+#   STEPS=2270 RUNS=plain bash recipes/shapes_base_gpu.sh   # a fixed step count instead: no probe, no time limit
+# FROM: the weights to continue (default checkpoints/shapes-base); WORKERS: data workers per run (default 6).
 #
 # The attention backend is `strided` (plain SDPA): 64 tokens are too few for FlexAttention's compile to pay.
 set -euo pipefail
@@ -40,23 +42,29 @@ last_rate() {  # steps/s of the last logged window
 
 mkdir -p "$ROOT"
 t0=$(date +%s)
-for r in $RUNS; do
-    # shellcheck disable=SC2046
-    "$PY" -m pocketdit.cli train "${COMMON[@]}" $(run_args "$r") --train.output_dir "$ROOT/probe_$r" --train.overwrite true \
-        --train.steps "$PROBE_STEPS" --train.log_every $(( PROBE_STEPS / 3 )) --train.checkpoint_every 100000 \
-        >"$ROOT/probe_$r.log" 2>&1 &
-done
-wait
-echo "probe: $(( $(date +%s) - t0 )) s"
+if [ -z "${STEPS:-}" ]; then
+    for r in $RUNS; do
+        # shellcheck disable=SC2046
+        "$PY" -m pocketdit.cli train "${COMMON[@]}" $(run_args "$r") --train.output_dir "$ROOT/probe_$r" \
+            --train.overwrite true --train.steps "$PROBE_STEPS" --train.log_every $(( PROBE_STEPS / 3 )) \
+            --train.checkpoint_every 100000 >"$ROOT/probe_$r.log" 2>&1 &
+    done
+    wait
+    echo "probe: $(( $(date +%s) - t0 )) s"
+fi
 
 pids=()
 for r in $RUNS; do
-    rate=$(last_rate "$ROOT/probe_$r/metrics.jsonl")
-    steps=$("$PY" -c "print(max(20, int($rate * $BUDGET) // 10 * 10))")
-    decay=$(( steps / 5 )); every=$(( steps / 8 > 50 ? steps / 8 : 50 ))
-    echo "$r: $rate steps/s in the probe -> $steps steps (cool-down $decay)"
+    if [ -n "${STEPS:-}" ]; then
+        steps=$STEPS limit=0  # timeout 0: no limit
+    else
+        rate=$(last_rate "$ROOT/probe_$r/metrics.jsonl")
+        steps=$("$PY" -c "print(max(20, int($rate * $BUDGET) // 10 * 10))") limit=$(( BUDGET + KILL_MARGIN ))
+        echo "$r: $rate steps/s in the probe -> $steps steps"
+    fi
+    decay=$(( steps / 5 > 0 ? steps / 5 : 1 )); every=$(( steps / 8 > 50 ? steps / 8 : 50 ))
     # shellcheck disable=SC2046
-    timeout -s INT $(( BUDGET + KILL_MARGIN )) "$PY" -m pocketdit.cli train "${COMMON[@]}" $(run_args "$r") \
+    timeout -s INT "$limit" "$PY" -m pocketdit.cli train "${COMMON[@]}" $(run_args "$r") \
         --train.output_dir "$ROOT/$r" --train.steps "$steps" --optim.schedule wsd --optim.decay_steps "$decay" \
         --optim.min_lr_ratio 0 --train.log_every 50 --train.checkpoint_every "$every" --train.keep_checkpoints 1 \
         >"$ROOT/$r.log" 2>&1 &
