@@ -4,6 +4,8 @@
 # skipped when its output exists, so rerunning the script resumes it; stage times go to runs/default/times.txt.
 #   bash recipes/shapes_default.sh                 start from the committed base (checkpoints/shapes-base)
 #   FROM_SCRATCH=1 bash recipes/shapes_default.sh  train the base too (about 4 h on one core of this CPU)
+#     (the CPU phases only: the committed base adds 2710 GPU steps, recipes/shapes_base_gpu.sh and
+#     checkpoints/shapes-base/README.md)
 #   ROOT=runs/e2e INSTALL_DIR=runs/e2e/installed bash recipes/shapes_default.sh   a reproduction that leaves the
 #     shipped checkpoints/ alone (ROOT default runs/default, INSTALL_DIR default checkpoints)
 #   CPU=0 CPU2=1 bash recipes/shapes_default.sh   two cores: the full width's DMD and palettization run beside the
