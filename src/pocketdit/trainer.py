@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -293,6 +294,7 @@ class Trainer:
                 except (OSError, ValueError) as e:
                     raise CheckpointError(f"cannot read the run's config {run_config}: {e}") from None
                 changes = check_resume_config(saved, config, tcfg.allow_config_change, run_config)
+            barrier(self.dist)  # every rank has read the run's config before the main one rewrites it
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             clean_temp_dirs(self.output_dir)
@@ -301,7 +303,9 @@ class Trainer:
                                                                       changes.items()), flush=True)
                 with open(self.output_dir / "config_changes.jsonl", "a") as f:
                     f.write(json.dumps({"changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-            (self.output_dir / "config.json").write_text(json.dumps(config, indent=2))
+            tmp = self.output_dir / f"config.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(config, indent=2))
+            os.replace(tmp, self.output_dir / "config.json")  # atomic: a reader never sees half a file
         barrier(self.dist)
         if source is not None:
             self.resume(source)
