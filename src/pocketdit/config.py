@@ -376,11 +376,12 @@ def _validate_values(cfg: TrainConfig) -> None:
     for p in drops:
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
             raise ConfigError(f"text.dropout: probabilities must be in [0, 1], got {cfg.text.dropout!r}")
-    from .attention.backends import available_backends
+    from .attention.backends import backend_choices
 
-    backends = ("auto", "reference") + tuple(available_backends())
-    if cfg.train.attention_backend not in backends:
-        raise ConfigError(f"train.attention_backend: must be one of {backends}, got {cfg.train.attention_backend!r}")
+    if cfg.train.attention_backend not in backend_choices():
+        raise ConfigError(
+            f"train.attention_backend: must be one of {backend_choices()}, got {cfg.train.attention_backend!r}"
+        )
     if not isinstance(cfg.train.gradient_checkpointing, bool) and cfg.train.gradient_checkpointing != "auto":
         raise ConfigError(
             f"train.gradient_checkpointing: must be true, false or 'auto', got {cfg.train.gradient_checkpointing!r}"

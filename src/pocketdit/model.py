@@ -436,16 +436,15 @@ class PocketDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def set_attention_backend(self, backend: str) -> None:
         """Pick the BNA/ASSA implementation of every Down/Up attention layer (diffusers' method name).
 
-        "auto" (the default: FlexAttention on CUDA, `strided` elsewhere, the reference while exporting), "reference"
-        or a name from `pocketdit.attention.backends.available_backends()`. Small token counts train faster on a
-        GPU with "strided" (plain SDPA) than with FlexAttention, which compiles once per shape.
+        "auto" (the default: FlexAttention on CUDA, `strided` elsewhere, the reference while exporting) or a name
+        from `pocketdit.attention.backends.available_backends()` ("reference" among them). Small token counts train
+        faster on a GPU with "strided" (plain SDPA) than with FlexAttention, which compiles once per shape.
         """
-        from .attention.backends import available_backends
+        from .attention.backends import backend_choices
         from .attention.layers import SelfAttention
 
-        choices = ("auto", "reference") + tuple(available_backends())
-        if backend not in choices:
-            raise ValueError(f"unknown attention backend {backend!r}; choose from {choices}")
+        if backend not in backend_choices():
+            raise ValueError(f"unknown attention backend {backend!r}; choose from {backend_choices()}")
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.backend = backend

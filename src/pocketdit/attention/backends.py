@@ -269,6 +269,11 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def backend_choices() -> tuple[str, ...]:
+    """Every name a layer's `backend` may take: "auto" and the registered ones ("reference" among them)."""
+    return ("auto",) + available_backends()
+
+
 def select_backend(q: torch.Tensor) -> str:
     """The backend "auto" uses for these inputs (exporting is handled by the caller)."""
     if q.is_cuda and not _FLEX_FAILED and flex_available():
@@ -280,7 +285,7 @@ def _resolve(backend: str, q) -> str:
     if backend == "auto":
         return select_backend(q)
     if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose from {('auto',) + available_backends()}")
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {backend_choices()}")
     if backend in ("flex", "flex_eager") and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise ValueError(
             f"attention backend {backend!r} has no backward on CPU (FlexAttention limitation); use "
