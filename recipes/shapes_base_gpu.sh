@@ -5,7 +5,7 @@
 #   pairs: 256 scenes and their 256 counterfactual partners a step (--data.pairs, docs/training.md)
 # each ending with a linear cool-down over its last fifth. Step counts follow the budget: a 60-step probe of both
 # runs (side by side, as they will run) measures their speed first. A run that outlasts the budget is stopped
-# at its last checkpoint (one every eighth of its steps). Then pick the better one with ShapesEval (docs/training.md, "GPU continuation").
+# at its last checkpoint (one every eighth of its steps). Then pick the better one with ShapesEval (docs/training.md, "The committed base now").
 #
 #   BUDGET=420 bash recipes/shapes_base_gpu.sh          # ROOT=runs/base_gpu, PY=python3
 #   STEPS=2270 RUNS=plain bash recipes/shapes_base_gpu.sh   # a fixed step count instead: no probe, no time limit
