@@ -10,7 +10,8 @@
 # Resumable: rerun the script and finished runs and evals are skipped.
 #   bash recipes/attention_ablation.sh                 STEPS=3000, two runs at a time (one per core)
 #   STEPS=1000 VARIANTS="assa dense" bash recipes/attention_ablation.sh
-# Writes runs/attention_ablation/table.md (ROOT= to put it elsewhere).
+# Writes runs/attention_ablation/table.md and val_loss.md (held-out flow-matching loss, the same scenes, noise
+# and timesteps for every run; ROOT= to put them elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${ROOT:-runs/attention_ablation}
@@ -73,3 +74,13 @@ table = "\n".join(rows) + "\n"
 (out / "table.md").write_text(table)
 print(f"{steps} steps each\n" + table)
 PY
+
+# Cheap beside training (a minute): recomputed on every call, so it always lists this call's variants.
+ckpts=()
+for v in $VARIANTS; do
+  IFS=: read -r type seed blocks <<< "$v"
+  ckpts+=("$OUT/${type}_seed${seed:-0}${blocks:+_blocks$blocks}/$CKPT")
+done
+taskset -c "${cores[0]}" python bench/val_loss.py "${ckpts[@]}" > "$OUT/val_loss.md.tmp"
+mv "$OUT/val_loss.md.tmp" "$OUT/val_loss.md"
+cat "$OUT/val_loss.md"
