@@ -40,7 +40,10 @@ def main() -> int:
             images = [pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance), seed=args.seed)
                       .images[0] for prompt in PROMPTS]
         cfg = f", CFG {float(guidance):g}" if float(guidance) != 1 else ""
-        rows.append((f"{Path(path).name}, {steps} steps{cfg}", make_grid(images, ncols=len(images), scale=args.scale)))
+        name = Path(path).name
+        if name.startswith("checkpoint-"):  # a training checkpoint: name it by its run and step
+            name = f"{Path(path).parent.name} @ {int(name.split('-')[1])}"
+        rows.append((f"{name}, {steps} steps{cfg}", make_grid(images, ncols=len(images), scale=args.scale)))
     w = label_w + rows[0][1].width
     canvas = Image.new("RGB", (w, head_h + sum(r.height for _, r in rows)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

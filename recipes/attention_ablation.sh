@@ -10,8 +10,8 @@
 # Resumable: rerun the script and finished runs and evals are skipped.
 #   bash recipes/attention_ablation.sh                 STEPS=3000, two runs at a time (one per core)
 #   STEPS=1000 VARIANTS="assa dense" bash recipes/attention_ablation.sh
-# Writes runs/attention_ablation/table.md and val_loss.md (held-out flow-matching loss, the same scenes, noise
-# and timesteps for every run; ROOT= to put them elsewhere).
+# Writes runs/attention_ablation/table.md, val_loss.md (held-out flow-matching loss, the same scenes, noise and
+# timesteps for every run) and showcase.png (one row per run, the same prompts and seed); ROOT= to put them elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${ROOT:-runs/attention_ablation}
@@ -75,7 +75,7 @@ table = "\n".join(rows) + "\n"
 print(f"{steps} steps each\n" + table)
 PY
 
-# Cheap beside training (a minute): recomputed on every call, so it always lists this call's variants.
+# Cheap beside training (a minute or two): recomputed on every call, so they always list this call's variants.
 ckpts=()
 for v in $VARIANTS; do
   IFS=: read -r type seed blocks <<< "$v"
@@ -84,3 +84,4 @@ done
 taskset -c "${cores[0]}" python bench/val_loss.py "${ckpts[@]}" > "$OUT/val_loss.md.tmp"
 mv "$OUT/val_loss.md.tmp" "$OUT/val_loss.md"
 cat "$OUT/val_loss.md"
+taskset -c "${cores[0]}" python bench/showcase.py "${ckpts[@]/%/:28:3}" -o "$OUT/showcase.png"
