@@ -4,7 +4,7 @@ Each configuration runs `runs` times in fresh processes (interleaved, so a busy 
 by /usr/bin/time's wall clock when it is there (else by this script around the process); medians, the spread, and
 the ratio to the eager PyTorch path are reported. Both paths write the same image (pocketdit.lite's parity check).
 
-    python bench/first_image.py [-m MODEL] [--runs 7] [--cpu 1] [--write]
+    python bench/first_image.py [-m MODEL] [--widths 1.0 0.5] [--runs 7] [--cpu 1] [--write]
 """
 
 from __future__ import annotations
@@ -37,30 +37,39 @@ def run_once(argv: list[str], cpu: int | None) -> float:
         return float(out.read_text().strip().splitlines()[-1]) if timer else wall
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", default=None, help="model (default: the built-in default)")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--cpu", type=int, default=None, help="pin every process to this core (taskset)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--widths", type=float, nargs="+", default=[1.0],
+                   help="model widths to time (`pocketdit generate --model-width`; default: 1.0)")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args()
     exe = shutil.which("pocketdit") or sys.executable
     base = [exe] if exe.endswith("pocketdit") else [sys.executable, "-m", "pocketdit.cli"]
-    configs = {"torch-free (onnxruntime + numpy)": "lite", "PyTorch eager": "torch"}
-    times: dict[str, list[float]] = {k: [] for k in configs}
+    runtimes = {"torch-free (onnxruntime + numpy)": "lite", "PyTorch eager": "torch"}
+    configs = [(w, name, rt) for w in args.widths for name, rt in runtimes.items()]
+    times: dict[tuple[float, str], list[float]] = {(w, name): [] for w, name, _ in configs}
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.runs + 1):  # the first round warms the page cache and is dropped
-            for name, runtime in configs.items():
+            for width, name, runtime in configs:
                 argv = base + ["generate", PROMPT, "-o", str(Path(d) / f"{runtime}.png"), "--runtime", runtime,
                                "--threads", "1"]
+                argv += ["--model-width", str(width)] if width != 1.0 else []
                 argv += ["-m", args.model] if args.model else []
                 argv += ["--steps", str(args.steps)] if args.steps else []
                 t = run_once(argv, args.cpu)
                 if i:
-                    times[name].append(t)
-    ref = statistics.median(times["PyTorch eager"])
-    model = args.model or "the built-in default"
+                    times[(width, name)].append(t)
+    model = args.model or "the built-in default (`--model-width 0.5`: its half-width model)"
     lines = [
         "## First image: `pocketdit generate` as a whole process",
         "",
@@ -68,14 +77,16 @@ def main() -> int:
         f"{args.runs} runs each in fresh processes after one warm-up round, interleaved; wall clock by `/usr/bin/time` "
         "from interpreter start to the PNG written.",
         "",
-        "| path | median s | min s | max s | vs eager |",
-        "|---|---|---|---|---|",
+        "| width | path | median s | min s | max s | vs eager |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        lines.append(f"| {name} | {med:.2f} | {min(ts):.2f} | {max(ts):.2f} | {ref / med:.1f}x faster |"
-                     if name != "PyTorch eager" else f"| {name} | {med:.2f} | {min(ts):.2f} | {max(ts):.2f} | ref |")
-    lines += ["", machine_description(), "", f"Command: `{command_line()}`"]
+    for (width, name), ts in times.items():
+        med, ref = statistics.median(ts), statistics.median(times[(width, "PyTorch eager")])
+        ratio = "ref" if name == "PyTorch eager" else f"{ref / med:.1f}x faster"
+        lines.append(f"| {width} | {name} | {med:.2f} | {min(ts):.2f} | {max(ts):.2f} | {ratio} |")
+    # machine_description() names this process's torch threads; the timed processes each ran with --threads 1.
+    machine = machine_description().replace(f"torch threads {torch_threads()}", "torch threads 1 (--threads 1)")
+    lines += ["", machine, "", f"Command: `{command_line()}`"]
     text = "\n".join(lines)
     print(text)
     if args.write:
