@@ -3,7 +3,8 @@
     python bench/val_loss.py runs/a runs/b/checkpoint-0001500 checkpoints/shapes-base [--width 0.5] [--images 512]
 
 Scenes come from ShapesDataset(seed=12345, phrasing="heldout"), a seed no training config uses; each image's loss
-is averaged over 8 stratified timesteps. Prints a markdown table with 95% intervals.
+is averaged over 8 stratified timesteps. Prints a markdown table with 95% intervals, and each model's difference
+from the first one, paired over the same scenes, noise and timesteps (far narrower than the two intervals).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     setup_threads(args.threads)
+    import torch
+
     from pocketdit import PocketDiTPipeline
     from pocketdit.data.shapes import ShapesDataset
     from pocketdit.evaluate.val_loss import validation_loss
 
-    print("| model | width | validation loss [95% CI] |")
-    print("|---|---|---|")
+    print("| model | width | validation loss [95% CI] | minus the first model, paired [95% CI] |")
+    print("|---|---|---|---|")
+    first = None
     for spec in args.models:
         path, _, width = spec.partition("@")
         pipe = PocketDiTPipeline.from_pretrained(path)
@@ -38,8 +42,12 @@ def main(argv=None) -> int:
         size = pipe.default_size or 32
         data = ShapesDataset(resolution=size, length=args.images, seed=args.seed, phrasing="heldout")
         r = validation_loss(pipe, data, num_images=args.images, num_t=args.num_t, width=float(width) if width else None)
-        print(f"| {path} | {width or 'full'} | {r['loss']:.5f} [{r['loss'] - r['ci95']:.5f}, {r['loss'] + r['ci95']:.5f}] |",
-              flush=True)
+        per_image = torch.tensor(r["per_image"])
+        first = per_image if first is None else first
+        diff = per_image - first
+        half = 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
+        print(f"| {path} | {width or 'full'} | {r['loss']:.5f} [{r['loss'] - r['ci95']:.5f}, {r['loss'] + r['ci95']:.5f}] | "
+              f"{float(diff.mean()):+.5f} [{float(diff.mean()) - half:+.5f}, {float(diff.mean()) + half:+.5f}] |", flush=True)
     return 0
 
 

@@ -10,8 +10,9 @@
 # Resumable: rerun the script and finished runs and evals are skipped.
 #   bash recipes/attention_ablation.sh                 STEPS=3000, two runs at a time (one per core)
 #   STEPS=1000 VARIANTS="assa dense" bash recipes/attention_ablation.sh
-# Writes runs/attention_ablation/table.md, val_loss.md (held-out flow-matching loss, the same scenes, noise and
-# timesteps for every run) and showcase.png (one row per run, the same prompts and seed); ROOT= to put them elsewhere.
+# Writes runs/attention_ablation/table.md, val_loss.md (held-out flow-matching loss, and each run minus the first
+# paired over the same scenes, noise and timesteps) and showcase.png (one row per run, the same prompts and seed);
+# ROOT= to put them elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${ROOT:-runs/attention_ablation}

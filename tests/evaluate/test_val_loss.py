@@ -27,6 +27,9 @@ def test_validation_loss_is_deterministic_and_ranks_models():
     a = validation_loss(_pipe(zero), data, num_images=8, num_t=4, batch_size=4)
     b = validation_loss(_pipe(zero), data, num_images=8, num_t=4, batch_size=8)
     assert a["loss"] == b["loss"] and len(a["per_t"]) == 4 and a["ci95"] > 0  # batching does not change it
+    # per-image losses, in scene order whatever the batching, so two models can be compared pairwise
+    assert a["per_image"] == b["per_image"] and len(a["per_image"]) == 8
+    assert abs(sum(a["per_image"]) / 8 - a["loss"]) < 1e-6
     # v = 0 costs E|noise - x0|^2 = 1 + E[x0^2] at every t
     x0 = torch.stack([data[i]["image"] for i in range(8)])
     assert abs(a["loss"] - (1 + x0.square().mean().item())) < 0.1

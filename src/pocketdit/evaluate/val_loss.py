@@ -57,7 +57,8 @@ def validation_loss(pipe, dataset, num_images: int = 512, num_t: int = 8, batch_
     per_image = torch.cat(per_image)
     mean = float(per_image.mean())
     ci = 1.96 * float(per_image.std()) / math.sqrt(len(per_image))
-    return {"loss": mean, "ci95": ci, "per_t": (per_t / n).tolist(), "t": ts.tolist(), "num_images": n, "num_t": num_t}
+    return {"loss": mean, "ci95": ci, "per_t": (per_t / n).tolist(), "t": ts.tolist(), "num_images": n, "num_t": num_t,
+            "per_image": per_image.tolist()}
 
 
 class _nullcontext:
