@@ -37,12 +37,6 @@ def run_once(argv: list[str], cpu: int | None) -> float:
         return float(out.read_text().strip().splitlines()[-1]) if timer else wall
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", default=None, help="model (default: the built-in default)")
@@ -84,9 +78,10 @@ def main() -> int:
         med, ref = statistics.median(ts), statistics.median(times[(width, "PyTorch eager")])
         ratio = "ref" if name == "PyTorch eager" else f"{ref / med:.1f}x faster"
         lines.append(f"| {width} | {name} | {med:.2f} | {min(ts):.2f} | {max(ts):.2f} | {ratio} |")
-    # machine_description() names this process's torch threads; the timed processes each ran with --threads 1.
-    machine = machine_description().replace(f"torch threads {torch_threads()}", "torch threads 1 (--threads 1)")
-    lines += ["", machine, "", f"Command: `{command_line()}`"]
+    import torch
+
+    torch.set_num_threads(1)  # machine_description() names this process's threads; every timed one had --threads 1
+    lines += ["", machine_description(), "", f"Command: `{command_line()}`"]
     text = "\n".join(lines)
     print(text)
     if args.write:
