@@ -23,15 +23,21 @@ CORES=${CORES:-"0 1"}
 mkdir -p "$OUT"
 CKPT=checkpoint-$(printf %07d "$STEPS")
 
+run_name() {  # VARIANT -> the run's directory name under $OUT
+  local type seed blocks
+  IFS=: read -r type seed blocks <<< "$1"
+  echo "${type}_seed${seed:-0}${blocks:+_blocks$blocks}"
+}
+
 train_and_eval() {  # VARIANT CORE
   local type seed blocks name core=$2
   IFS=: read -r type seed blocks <<< "$1"
   seed=${seed:-0}
-  name=${type}_seed${seed}${blocks:+_blocks$blocks}
+  name=$(run_name "$1")
   if [ ! -f "$OUT/$name/$CKPT/trainer_state.json" ]; then
     local start=$SECONDS
     taskset -c "$core" pocketdit train configs/shapes_pixel32.yaml --model.attention_types "$type" \
-      --model.num_blocks "${blocks:-4}" \
+      ${blocks:+--model.num_blocks "$blocks"} \
       --train.seed "$seed" --data.seed "$seed" --train.steps "$STEPS" --schedule.logit_std 1.6 \
       --optim.schedule wsd --optim.decay_steps $((STEPS / 3)) --optim.min_lr_ratio 0 --train.sample_every 0 \
       --train.keep_checkpoints 1 --train.output_dir "$OUT/$name" --resume auto > "$OUT/$name.log" 2>&1
@@ -55,33 +61,34 @@ for ((i = 0; i < ${#variants[@]}; i += ${#cores[@]})); do
   for pid in "${pids[@]}"; do wait "$pid"; done
 done
 
-python - "$OUT" "$STEPS" $VARIANTS <<'PY'
+names=()
+for v in "${variants[@]}"; do names+=("$(run_name "$v")"); done
+
+python - "$OUT" "$CKPT" "${names[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 
-out, steps, variants = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+out, ckpt, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 rows = ["| Down/Up mixer | blocks | seed | overall [95%] | strict | " + " | ".join(cats) + " |",
         "|---|---|---|---|---|" + "---|" * len(cats)]
-for v in variants:
-    kind, seed, blocks = (v.split(":") + ["", ""])[:3]
-    name = f"{kind}_seed{seed or 0}" + (f"_blocks{blocks}" if blocks else "")
+for name in names:
+    model = json.loads((out / name / ckpt / "transformer" / "config.json").read_text())
+    kind, seed = model["attention_types"], json.loads((out / name / "config.json").read_text())["train"]["seed"]
+    blocks = model["num_blocks"] if kind in ("assa", "local") else "-"
     scores = json.loads((out / f"{name}.json").read_text())["shapes_eval"]["scores"]
     g, s = scores["geneval"], scores["strict"]["overall"]
     o = g["overall"]
-    rows.append(f"| {kind} | {blocks or 4 if kind in ('assa', 'local') else '-'} | {seed or 0} | {o['mean']:.3f} [{o['lo']:.2f}, {o['hi']:.2f}] | {s['mean']:.3f} | "
+    rows.append(f"| {kind} | {blocks} | {seed} | {o['mean']:.3f} [{o['lo']:.2f}, {o['hi']:.2f}] | {s['mean']:.3f} | "
                 + " | ".join(f"{g['categories'][c]['mean']:.2f}" for c in cats) + " |")
 table = "\n".join(rows) + "\n"
 (out / "table.md").write_text(table)
-print(f"{steps} steps each\n" + table)
+print(f"{ckpt}\n" + table)
 PY
 
 # Cheap beside training (a minute or two): recomputed on every call, so they always list this call's variants.
-ckpts=()
-for v in $VARIANTS; do
-  IFS=: read -r type seed blocks <<< "$v"
-  ckpts+=("$OUT/${type}_seed${seed:-0}${blocks:+_blocks$blocks}/$CKPT")
-done
+ckpts=("${names[@]/#/$OUT/}")
+ckpts=("${ckpts[@]/%//$CKPT}")
 taskset -c "${cores[0]}" python bench/val_loss.py "${ckpts[@]}" > "$OUT/val_loss.md.tmp"
 mv "$OUT/val_loss.md.tmp" "$OUT/val_loss.md"
 cat "$OUT/val_loss.md"
