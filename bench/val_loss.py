@@ -30,7 +30,7 @@ def main(argv=None) -> int:
 
     from pocketdit import PocketDiTPipeline
     from pocketdit.data.shapes import ShapesDataset
-    from pocketdit.evaluate.val_loss import validation_loss
+    from pocketdit.evaluate.val_loss import ci95_half_width, validation_loss
 
     print("| model | width | validation loss [95% CI] | minus the first model, paired [95% CI] |")
     print("|---|---|---|---|")
@@ -45,9 +45,9 @@ def main(argv=None) -> int:
         per_image = torch.tensor(r["per_image"])
         first = per_image if first is None else first
         diff = per_image - first
-        half = 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
+        d, half = float(diff.mean()), ci95_half_width(diff)
         print(f"| {path} | {width or 'full'} | {r['loss']:.5f} [{r['loss'] - r['ci95']:.5f}, {r['loss'] + r['ci95']:.5f}] | "
-              f"{float(diff.mean()):+.5f} [{float(diff.mean()) - half:+.5f}, {float(diff.mean()) + half:+.5f}] |", flush=True)
+              f"{d:+.5f} [{d - half:+.5f}, {d + half:+.5f}] |", flush=True)
     return 0
 
 

@@ -18,13 +18,20 @@ import torch
 
 from .. import flow
 
-__all__ = ["validation_loss"]
+__all__ = ["ci95_half_width", "validation_loss"]
+
+
+def ci95_half_width(values: torch.Tensor) -> float:
+    """Half the width of the normal 95% interval of the mean of `values` (per-image losses, or their paired
+    differences between two models)."""
+    return 1.96 * float(values.std()) / math.sqrt(len(values))
 
 
 @torch.no_grad()
 def validation_loss(pipe, dataset, num_images: int = 512, num_t: int = 8, batch_size: int = 64, seed: int = 0,
                     width: Optional[float] = None) -> dict:
-    """{"loss", "ci95", "per_t": [...], "num_images", "num_t"} for a PocketDiTPipeline (EMA weights, eval mode).
+    """{"loss", "ci95", "per_t": [...], "num_images", "num_t", "per_image": [...]} for a PocketDiTPipeline (EMA
+    weights, eval mode). "per_image" is in scene order, so two models' lists can be compared pairwise.
 
     `width` runs a supernet at that width (its private tables); None = as it is."""
     model = pipe.transformer.eval()
@@ -56,8 +63,7 @@ def validation_loss(pipe, dataset, num_images: int = 512, num_t: int = 8, batch_
             per_t += losses.sum(0)
     per_image = torch.cat(per_image)
     mean = float(per_image.mean())
-    ci = 1.96 * float(per_image.std()) / math.sqrt(len(per_image))
-    return {"loss": mean, "ci95": ci, "per_t": (per_t / n).tolist(), "t": ts.tolist(), "num_images": n, "num_t": num_t,
+    return {"loss": mean, "ci95": ci95_half_width(per_image), "per_t": (per_t / n).tolist(), "t": ts.tolist(), "num_images": n, "num_t": num_t,
             "per_image": per_image.tolist()}
 
 
