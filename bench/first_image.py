@@ -78,10 +78,7 @@ def main() -> int:
         med, ref = statistics.median(ts), statistics.median(times[(width, "PyTorch eager")])
         ratio = "ref" if name == "PyTorch eager" else f"{ref / med:.1f}x faster"
         lines.append(f"| {width} | {name} | {med:.2f} | {min(ts):.2f} | {max(ts):.2f} | {ratio} |")
-    import torch
-
-    torch.set_num_threads(1)  # machine_description() names this process's threads; every timed one had --threads 1
-    lines += ["", machine_description(), "", f"Command: `{command_line()}`"]
+    lines += ["", machine_description(threads=1), "", f"Command: `{command_line()}`"]  # each ran with --threads 1
     text = "\n".join(lines)
     print(text)
     if args.write:

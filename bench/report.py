@@ -17,7 +17,8 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery table below is written by a script in `bench/`; the command that made it is under it.\n"
 
 
-def machine_description() -> str:
+def machine_description(threads: int | None = None) -> str:
+    """The machine and versions; `threads`: the torch threads the timed code ran with (default: this process's)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -29,7 +30,7 @@ def machine_description() -> str:
     except OSError:
         pass
     lines = [
-        f"- machine: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"- machine: {cpu}, {os.cpu_count()} logical cores, torch threads {threads or torch.get_num_threads()}",
         f"- python {platform.python_version()}, torch {torch.__version__}",
     ]
     if torch.cuda.is_available():
