@@ -27,6 +27,6 @@ def test_recipe_files_exist(recipe):
     # Configs, bench scripts and committed checkpoints a recipe names must be in the repository.
     text = recipe.read_text()
     named = set(re.findall(r"\b((?:configs|bench|scripts)/[\w./-]+\.(?:yaml|py))", text))
-    named |= {m for m in re.findall(r"\b(checkpoints/[\w.-]+)", text)}
+    named |= set(re.findall(r"\b(checkpoints/[\w.-]+)", text))
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"{recipe.name} names files that are not in the repository: {missing}"
