@@ -40,12 +40,14 @@ train_and_eval() {  # VARIANT CORE
       ${blocks:+--model.num_blocks "$blocks"} \
       --train.seed "$seed" --data.seed "$seed" --train.steps "$STEPS" --schedule.logit_std 1.6 \
       --optim.schedule wsd --optim.decay_steps $((STEPS / 3)) --optim.min_lr_ratio 0 --train.sample_every 0 \
-      --train.keep_checkpoints 1 --train.output_dir "$OUT/$name" --resume auto > "$OUT/$name.log" 2>&1
+      --train.keep_checkpoints 1 --train.output_dir "$OUT/$name" --resume auto > "$OUT/$name.log" 2>&1 \
+      || { echo "$name: training failed; the end of $OUT/$name.log:" >&2; tail -n 5 "$OUT/$name.log" >&2; return 1; }
     echo "$name train: $((SECONDS - start)) s" >> "$OUT/times.txt"
   fi
   if [ ! -f "$OUT/$name.json" ]; then
     taskset -c "$core" pocketdit eval -m "$OUT/$name/$CKPT" --images-per-prompt "$IMAGES" \
-      --output "$OUT/$name.json" >> "$OUT/$name.log" 2>&1
+      --output "$OUT/$name.json" >> "$OUT/$name.log" 2>&1 \
+      || { echo "$name: eval failed; the end of $OUT/$name.log:" >&2; tail -n 5 "$OUT/$name.log" >&2; return 1; }
   fi
 }
 
